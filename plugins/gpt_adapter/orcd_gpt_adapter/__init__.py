@@ -1,0 +1,1 @@
+"""orcd plugin package gpt_adapter."""

@@ -1,0 +1,1 @@
+"""orcd plugin package llama_adapter."""
