@@ -1,0 +1,1 @@
+"""Test and benchmark support: synthetic GGUF models for every installed architecture and format."""
