@@ -79,7 +79,7 @@ def test_tensor_table_and_metadata(good: Path) -> None:
 def test_not_a_gguf_file(tmp_path: Path) -> None:
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b'{"__metadata__": {}}' + bytes(100))
-    with pytest.raises(ModelFileError, match=r"not a GGUF file \(it starts with b'\{"__'"):
+    with pytest.raises(ModelFileError, match=r"not a GGUF file \(it starts with b'\{\"__'"):
         ModelFile.open(bad)
 
 
