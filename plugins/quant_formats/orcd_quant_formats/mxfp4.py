@@ -55,8 +55,9 @@ class MXFP4(QuantFormat):
     def random_blocks(self, n_blocks: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
         out = random_bytes(rng, n_blocks, self.type_size)
         code_rms = float(np.sqrt(np.mean(np.square(E2M1_DOUBLED))))
-        # 2**(e-128) * code_rms ~ scale, jittered by one binade either way between blocks.
-        e = np.rint(np.log2(scale / code_rms)) + 128 + rng.integers(-1, 2, size=n_blocks)
+        # 2**(e-128) * code_rms ~ scale: round log2 of the target up or down at random (in proportion to its
+        # fraction), so blocks vary by a binade and the mean square stays close to scale**2.
+        e = np.floor(np.log2(scale / code_rms) + rng.uniform(0.0, 1.0, size=n_blocks)) + 128
         out[:, 0] = np.clip(e, 0, 254).astype(np.uint8)
         return out
 
