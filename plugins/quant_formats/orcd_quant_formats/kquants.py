@@ -16,8 +16,10 @@ Layouts (bytes, in order):
 
 Bit order of the packed quants (what the reshapes below follow): a 4-bit ``qs`` of 32*k bytes holds, per group of
 32 bytes, the low nibbles of one sub-block of 32 then the high nibbles of the next; 2-bit and 1-bit fields run
-lowest bits first across a group of 32 (Q2_K/Q3_K: 128 values per 32 bytes). As in gguf, the sub-block scale
-``d*sc`` is rounded to float32 first and then multiplied by ``q``; the min term is a separate subtraction.
+lowest bits first across a group of 32 (Q2_K/Q3_K: 128 values per 32 bytes). As in gguf, ``d*sc`` and
+``(d*sc)*q`` are float32 products; both are exact (fp16's 11 significant bits times at most 8 + 6 bits of codes
+fit float32's 24), so the one rounding is the subtraction of the min term, and bit-exactness rests on the layout
+and on computing in float32.
 
 Quantizers follow the idea of llama.cpp's reference quantizers (nothing is ported line by line): for each
 sub-block, try a small grid of candidate scales, refit scale (and min) by weighted least squares for the levels each

@@ -3,8 +3,10 @@
 Layouts (bytes): Q4_0 ``d | qs[16]``, Q4_1 ``d | m | qs[16]``, Q5_0 ``d | qh[4] | qs[16]``, Q5_1
 ``d | m | qh[4] | qs[16]``, Q8_0 ``d | qs[32] (int8)``. A 4-bit ``qs`` byte ``j`` holds value ``j`` in its low
 nibble and value ``j + 16`` in its high nibble; ``qh`` is a little-endian uint32 whose bit ``i`` is bit 4 of value
-``i``. gguf computes ``d * q`` (``_0``) and ``(d * q) + m`` (``_1``) in float32 with one rounding per operation;
-so do we, as separate torch operations (never a fused multiply-add).
+``i``. gguf computes ``d * q`` (``_0``) and ``(d * q) + m`` (``_1``) in float32. The product of an fp16 scale
+(11 significant bits) and a level of at most 8 bits is exact in float32, so the only rounding is the final addition:
+any order of the same float32 operations (or a fused multiply-add) gives the same bits, but computing in fp16/bf16
+would not -- the rule for future fused kernels too.
 """
 
 from __future__ import annotations
