@@ -1,4 +1,9 @@
-"""Qwen2 / Qwen2.5 (GGUF architecture ``qwen2``): config from metadata, tensor names, synthetic presets."""
+"""Qwen2 / Qwen2.5 (GGUF architecture ``qwen2``): config from metadata, the module, synthetic presets.
+
+A pre-norm decoder with grouped-query attention whose Q/K/V projections have biases, NEOX rotary with the base from
+the metadata (and YaRN when ``rope.scaling.type`` says so), SwiGLU, and an output head that is either its own
+tensor or the token embedding (tied, as in Qwen2.5-0.5B). GGUF keeps HF's Q/K row order for NEOX models.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from orcd.arch import Architecture, CausalLM, ModelConfig, SynthSpec, SynthTensor
+from orcd.errors import ModelFileError
+from orcd.nn import DecoderBlock, DecoderLM, QuantizedEmbedding, RotaryEmbedding, SelfAttention, SeparateQKV, SwiGLU
+from orcd.quant import QuantizedLinear
+from orcd_llama_adapter.common import TensorLoader, rope_scaling, rope_scaling_metadata
 
 if TYPE_CHECKING:
     from orcd.modelfile import ModelFile
@@ -15,6 +24,10 @@ if TYPE_CHECKING:
 
 class Qwen2Config(ModelConfig):
     tied_embeddings: bool
+    rope_scaling_type: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_original_context_length: int = 0
+    rope_attn_factor: float = 1.0
 
 
 # Real shapes (Qwen2.5-0.5B) and a tiny one for tests: (hidden, layers, heads, kv heads, ffn, vocab, context).
@@ -34,6 +47,7 @@ class Qwen2(Architecture):
     def config(self, model: "ModelFile") -> Qwen2Config:
         hidden = int(model.arch_require("embedding_length"))
         heads = int(model.arch_require("attention.head_count"))
+        head_dim = int(model.arch_get("attention.key_length", hidden // heads))
         return Qwen2Config(
             architecture=self.name,
             name=str(model.get("general.name", "")),
@@ -42,12 +56,13 @@ class Qwen2(Architecture):
             block_count=int(model.arch_require("block_count")),
             head_count=heads,
             head_count_kv=int(model.arch_get("attention.head_count_kv", heads)),
-            head_dim=hidden // heads,
+            head_dim=head_dim,
             vocab_size=_vocab_size(model),
             feed_forward_length=int(model.arch_require("feed_forward_length")),
             rms_norm_eps=float(model.arch_get("attention.layer_norm_rms_epsilon", 1e-6)),
             rope_freq_base=float(model.arch_get("rope.freq_base", 10000.0)),
             tied_embeddings="output.weight" not in model.tensors,
+            **rope_scaling_metadata(model),
         )
 
     def required_tensors(self, config: ModelConfig) -> list[str]:
@@ -62,7 +77,26 @@ class Qwen2(Architecture):
     def build(
         self, model: "ModelFile", config: ModelConfig, device: torch.device, plugins: "OrcdPluginManager"
     ) -> CausalLM:
-        raise NotImplementedError("the qwen2 module lands with the first-model issue")
+        assert isinstance(config, Qwen2Config)
+        t = TensorLoader(model, device, plugins)
+        eps = config.rms_norm_eps
+        q_size, kv_size = config.head_count * config.head_dim, config.head_count_kv * config.head_dim
+        rotary = RotaryEmbedding(config.head_dim, config.rope_freq_base, rope_scaling(config), device=device)
+        blocks = []
+        for i in range(config.block_count):
+            p = f"blk.{i}."
+            qkv = SeparateQKV(*(t.linear(p + f"attn_{x}.weight", p + f"attn_{x}.bias") for x in "qkv"))
+            _check_rows(qkv.q, q_size)
+            _check_rows(qkv.k, kv_size)
+            attn = SelfAttention(i, qkv, t.linear(p + "attn_output.weight"), rotary, config.head_count,
+                                 config.head_count_kv, config.head_dim)
+            mlp = SwiGLU(t.linear(p + "ffn_gate.weight"), t.linear(p + "ffn_up.weight"),
+                         t.linear(p + "ffn_down.weight"))
+            blocks.append(DecoderBlock(t.norm(p + "attn_norm.weight", eps), attn, t.norm(p + "ffn_norm.weight", eps),
+                                       mlp))
+        embedding = QuantizedEmbedding(t.quantized("token_embd.weight"))
+        output = QuantizedLinear(embedding.weight if config.tied_embeddings else t.quantized("output.weight"))
+        return DecoderLM(config, embedding, blocks, t.norm("output_norm.weight", eps), output)
 
     def synth_spec(self, preset: str) -> SynthSpec:
         hidden, layers, heads, kv_heads, ffn, vocab, ctx = _PRESETS[preset]
@@ -109,6 +143,12 @@ class Qwen2(Architecture):
                                   "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"],
         )
+
+
+def _check_rows(linear: QuantizedLinear, rows: int) -> None:
+    if linear.out_features != rows:
+        raise ModelFileError(f"tensor {linear.weight.name!r} has {linear.out_features} rows; the metadata's head "
+                             f"counts and sizes need {rows}", tensor=linear.weight.name)
 
 
 def _vocab_size(model: "ModelFile") -> int:
