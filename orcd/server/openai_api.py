@@ -1,0 +1,196 @@
+"""The OpenAI-compatible API: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
+
+Each request becomes a worker job like ``/execute`` does (same queue, cancel on disconnect, same engine), and the
+job's events are re-shaped into OpenAI's objects: one response, or ``data:`` chunks ending with ``data: [DONE]``.
+Fields OpenAI defines that orcd does not implement are refused with a 400 naming them (see ``schemas``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from orcd.errors import InvalidRequest
+from orcd.server.app import cancel_if_open, error_response, job_events, worker_of
+from orcd.server.schemas import ChatCompletionRequest, CompletionRequest, _OpenAIBase
+from orcd.server.worker import Job, Worker
+
+FINISH_REASON = {"eos": "stop", "stop_sequence": "stop", "max_tokens": "length"}
+ERROR_STATUS = {"VRAM_OOM": 503, "INFERENCE_TIMEOUT": 504, "CANCELLED": 499, "INVALID_REQUEST": 400}
+DISCONNECT_POLL_S = 0.5
+DEFAULT_CHAT_MAX_TOKENS = 1024  # when a chat request gives no limit: bounded by the worker's own cap too
+
+
+def add_openai_routes(app: FastAPI) -> None:
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        worker = worker_of(request)
+        return {"object": "list", "data": [_model_card(worker)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str, request: Request) -> Response:
+        worker = worker_of(request)
+        if model_id != worker.config.model_id:
+            return error_response(request, 404, "model_not_found",
+                                  f"model {model_id!r} is not served here; this worker serves "
+                                  f"{worker.config.model_id!r}", "model")
+        return JSONResponse(_model_card(worker))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        worker = worker_of(request)
+        job = await _submit(worker, body, body.prompt_text(), body.max_tokens or 16, "openai.completions")
+        ids = _Ids("cmpl", worker, body)
+        if body.stream:
+            return _stream(job, worker, ids, body.include_usage, chat=False)
+        return await _collect(job, worker, ids, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        worker = worker_of(request)
+        template = getattr(worker.loaded, "chat_template", None)
+        if template is None:
+            raise InvalidRequest("this model has no chat template; use /v1/completions with a formatted prompt",
+                                 field="messages")
+        prompt = await run_in_threadpool(template.render, body.template_messages(), True)
+        limit = body.token_limit() or min(DEFAULT_CHAT_MAX_TOKENS, worker.config.max_tokens_out)
+        job = await _submit(worker, body, prompt, limit, "openai.chat")
+        ids = _Ids("chatcmpl", worker, body)
+        if body.stream:
+            return _stream(job, worker, ids, body.include_usage, chat=True)
+        return await _collect(job, worker, ids, request, chat=True)
+
+
+def _model_card(worker: Worker) -> dict[str, Any]:
+    return {"id": worker.config.model_id, "object": "model", "created": int(worker.started_at), "owned_by": "orcd"}
+
+
+class _Ids:
+    """What every object of one response repeats: id, creation time, model name."""
+
+    def __init__(self, prefix: str, worker: Worker, body: _OpenAIBase) -> None:
+        self.id = f"{prefix}-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+        self.model = worker.config.model_id
+        self.fingerprint = f"orcd-{worker.quant_kind}"
+
+
+async def _submit(worker: Worker, body: _OpenAIBase, prompt: str, max_tokens: int, api: str) -> Job:
+    sampling: dict[str, Any] = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "repetition_penalty": body.repetition_penalty,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "seed": None if body.seed is None else body.seed % 2**64,  # OpenAI allows negative seeds
+    }
+    job_id = f"oai-{secrets.token_hex(8)}"
+    job = await run_in_threadpool(worker.make_job, job_id, prompt, max_tokens, sampling, body.stop_list(), api)
+    worker.submit(job, asyncio.get_running_loop())
+    return job
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _choice(chat: bool, text: str | None, finish: str | None, final: bool = False, first: bool = False) -> dict:
+    if chat:
+        if final:
+            delta: dict[str, Any] = {}
+        else:
+            delta = {"role": "assistant", "content": text or ""} if first else {"content": text}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+
+def _chunk(ids: _Ids, chat: bool, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+    obj: dict[str, Any] = {
+        "id": ids.id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": ids.created,
+        "model": ids.model,
+        "system_fingerprint": ids.fingerprint,
+        "choices": choices,
+    }
+    if usage is not None:
+        obj["usage"] = usage
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _stream(job: Job, worker: Worker, ids: _Ids, include_usage: bool, chat: bool) -> StreamingResponse:
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            if chat:  # OpenAI's first chat chunk announces the role
+                yield _chunk(ids, chat, [_choice(chat, "", None, first=True)], None)
+            async for ev in job_events(job):
+                if ev is None:
+                    yield b": keep-alive\n\n"
+                elif ev.kind == "token":
+                    if ev.data["t"]:
+                        yield _chunk(ids, chat, [_choice(chat, ev.data["t"], None)])
+                elif ev.kind == "end":
+                    finish = FINISH_REASON.get(ev.data["stop_reason"], "stop")
+                    yield _chunk(ids, chat, [_choice(chat, None if chat else "", finish, final=True)])
+                    if include_usage:
+                        yield _chunk(ids, chat, [], _usage(len(job.prompt_ids), ev.data["tokens_out"]))
+                elif ev.kind == "error":
+                    err = {"message": ev.data["message"], "type": "server_error", "param": None,
+                           "code": ev.data["code"].lower()}
+                    yield b"data: " + json.dumps({"error": err}).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        finally:
+            cancel_if_open(worker, job)
+
+    return StreamingResponse(chunks(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                             background=BackgroundTask(cancel_if_open, worker, job))
+
+
+async def _collect(job: Job, worker: Worker, ids: _Ids, request: Request, chat: bool) -> Response:
+    """Wait for the whole completion; a client that leaves meanwhile cancels the job."""
+    parts: list[str] = []
+    try:
+        async for ev in job_events(job, keepalive_s=DISCONNECT_POLL_S):
+            if ev is None:
+                if await request.is_disconnected():
+                    cancel_if_open(worker, job)
+                    return Response(status_code=499)
+            elif ev.kind == "token":
+                parts.append(ev.data["t"])
+            elif ev.kind == "end":
+                text = "".join(parts)
+                finish = FINISH_REASON.get(ev.data["stop_reason"], "stop")
+                if chat:
+                    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                              "logprobs": None, "finish_reason": finish}
+                else:
+                    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                return JSONResponse({
+                    "id": ids.id,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": ids.created,
+                    "model": ids.model,
+                    "system_fingerprint": ids.fingerprint,
+                    "choices": [choice],
+                    "usage": _usage(len(job.prompt_ids), ev.data["tokens_out"]),
+                })
+            elif ev.kind == "error":
+                status = ERROR_STATUS.get(ev.data["code"], 500)
+                headers = {"Retry-After": "1"} if ev.data.get("retriable") and status == 503 else None
+                return error_response(request, status, ev.data["code"], ev.data["message"], headers=headers)
+    finally:
+        cancel_if_open(worker, job)
+    return error_response(request, 500, "INTERNAL", "the job ended without a result")

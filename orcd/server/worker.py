@@ -1,0 +1,588 @@
+"""The worker: one loaded model, one engine, one engine thread, a bounded queue of jobs.
+
+HTTP handlers run on uvicorn's event loop; the model runs on a single engine thread that loops ``Engine.step()``
+while there is work. They meet in two places only:
+
+* ``Worker.submit`` / ``Worker.cancel`` (called from the loop) change the queue and the jobs' cancel flags under
+  one condition variable; the engine thread reads them between steps, so a cancel takes effect within one step.
+* Each job carries an ``asyncio.Queue`` owned by the handler's loop; the engine thread hands it events with
+  ``loop.call_soon_threadsafe``. The handler turns those events into SSE (worker API) or OpenAI chunks.
+
+``/health`` reads plain attributes kept up to date by the engine thread and the residency checker, so it answers
+in microseconds whatever the engine is doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import torch
+
+from orcd import device as devmem
+from orcd.errors import Cancelled, InferenceTimeout, InvalidRequest, OrcdError, VramOOM
+from orcd.sampling import SamplingParams
+from orcd.server.metrics import ServerMetrics
+
+log = logging.getLogger("orcd.server")
+
+TERMINAL = ("end", "error")
+FINISH_REASONS = ("eos", "max_tokens", "stop_sequence")
+
+
+class QueueFull(OrcdError):
+    """Every queue slot is taken; the client should retry after ``retry_after`` seconds."""
+
+    code = "QUEUE_FULL"
+    retriable = True
+
+
+class NotAccepting(OrcdError):
+    """The worker is shutting down (or unhealthy) and takes no new job."""
+
+    code = "UNAVAILABLE"
+    retriable = True
+
+
+class DuplicateJob(InvalidRequest):
+    """A job with this id is already queued or running."""
+
+
+@dataclass
+class WorkerConfig:
+    worker_id: str
+    model_id: str  # the name clients see (file name without .gguf)
+    max_queue: int = 16  # jobs waiting beside the running ones
+    max_batch: int = 1  # jobs the engine decodes at once
+    max_tokens_out: int = 2048
+    inference_timeout_s: float = 300.0
+    n_ctx: int | None = None  # serving context length (None: the model's)
+    residency_interval_s: float = 60.0
+    shutdown_grace_s: float = 25.0  # after this, jobs still running at shutdown are cancelled
+    log_prompts: bool = False
+    synthetic: bool = False
+    retry_after_s: int = 1
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # started | token | metrics | end | error
+    data: dict[str, Any]
+
+
+@dataclass
+class Job:
+    """One request from admission to its terminal event."""
+
+    job_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop_strings: list[str]
+    seed: int
+    prompt: str = ""  # kept for logging when --log-prompts
+    api: str = "worker"
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue[Event] | None = None
+    state: str = "new"  # new | queued | running | done
+    cancel: tuple[str, str, bool | None] | None = None  # (code, message, retriable): client, disconnect, shutdown
+    created: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    tokens_out: int = 0
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.events = asyncio.Queue()
+
+    def post(self, kind: str, data: dict[str, Any]) -> None:
+        """Hand an event to the job's consumer; safe from any thread."""
+        if self.loop is None or self.events is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, Event(kind, data))
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+
+class Worker:
+    """Owns the model, the engine and the engine thread. Build it with ``Worker.create``."""
+
+    def __init__(self, loaded: Any, engine: Any, plugins: Any, device: torch.device, config: WorkerConfig) -> None:
+        self.loaded = loaded
+        self.engine = engine
+        self.plugins = plugins
+        self.device = device
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.n_ctx = int(getattr(engine, "n_ctx", None) or config.n_ctx or loaded.config.context_length)
+        self.started_at = time.time()
+        self._t0 = time.monotonic()
+
+        self._cond = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._running: dict[str, Job] = {}
+        self._accepting = True
+        self._stop = False
+        self._thread = threading.Thread(target=self._engine_loop, name="orcd-engine", daemon=True)
+        self._residency_stop = threading.Event()
+        self._residency_thread: threading.Thread | None = None
+
+        # cached health state: written by the engine thread / residency checker, read by /health
+        self.healthy = True
+        self.unhealthy_reason: str | None = None
+        self.last_residency_check: float | None = None
+        self.residency = devmem.Residency.snapshot(loaded.module, device)
+        self.weights_bytes = devmem.module_bytes(loaded.module)
+        self.baseline_allocated = devmem.allocated_bytes(device)
+        self.vram_bytes = self._measure_vram()
+
+        self.metrics = ServerMetrics(
+            vram_bytes=self._measure_vram,
+            queue_length=lambda: len(self._queue),
+            running_jobs=lambda: len(self._running),
+            healthy=lambda: 1.0 if self.healthy else 0.0,
+        )
+        self._metrics_plugin_name = f"orcd.server.metrics.{id(self)}"
+        plugins.register(self.metrics.plugin, name=self._metrics_plugin_name)
+
+    @classmethod
+    def create(cls, loaded: Any, plugins: Any, device: torch.device, config: WorkerConfig) -> "Worker":
+        from orcd.engine import Engine
+
+        engine = Engine(loaded, plugins, max_batch=config.max_batch, n_ctx=config.n_ctx)
+        return cls(loaded, engine, plugins, device, config)
+
+    # --- life cycle ------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        if self.config.residency_interval_s > 0:
+            self._residency_thread = threading.Thread(target=self._residency_loop, name="orcd-residency", daemon=True)
+            self._residency_thread.start()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new jobs from now on; queued and running ones go on."""
+        with self._cond:
+            if self._accepting:
+                log.info("shutting down: no new jobs; %d running, %d queued", len(self._running), len(self._queue))
+            self._accepting = False
+            self._cond.notify_all()
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait until no job is queued or running; after ``timeout_s`` cancel what is left. True when all
+        finished on their own."""
+        timeout_s = self.config.shutdown_grace_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue or self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.05))
+            clean = not (self._queue or self._running)
+        if not clean:
+            for job_id in self.job_ids():
+                self.cancel(job_id, "CANCELLED", "the worker is shutting down; retry on another worker", retriable=True)
+            with self._cond:
+                self._cond.wait_for(lambda: not (self._queue or self._running), timeout=2.0)
+        return clean
+
+    def close(self) -> None:
+        """Stop the engine thread, unregister the metrics hooks and free the model's memory."""
+        self.begin_shutdown()
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._residency_stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if self._residency_thread is not None:
+            self._residency_thread.join(timeout=2)
+        try:  # the plugin manager may outlive this worker (tests share one): leave no dead hooks behind
+            self.plugins.pm.unregister(name=self._metrics_plugin_name)
+            self.plugins.info.pop(self._metrics_plugin_name, None)
+        except ValueError:
+            pass
+        self.engine = None
+        self.loaded = None
+        devmem.release_cached(self.device)
+        log.info("worker closed; model memory released")
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and self.healthy
+
+    @property
+    def state(self) -> str:
+        if not self._accepting:
+            return "draining"
+        return "busy" if self._running or self._queue else "idle"
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running_jobs(self) -> int:
+        return len(self._running)
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self._t0
+
+    def job_ids(self) -> list[str]:
+        with self._cond:
+            return [j.job_id for j in self._queue] + list(self._running)
+
+    # --- jobs --------------------------------------------------------------------------------------------------------
+    def make_job(
+        self,
+        job_id: str,
+        prompt: str | list[int],
+        max_tokens: int,
+        sampling: dict[str, Any],
+        stop: list[str],
+        api: str = "worker",
+    ) -> Job:
+        """Tokenize and check a request; raise ``InvalidRequest`` naming the field at fault."""
+        if isinstance(prompt, str):
+            prompt_ids = self.encode_prompt(prompt)
+        else:
+            prompt_ids = list(prompt)
+        if not prompt_ids:
+            raise InvalidRequest("the prompt encodes to no token", field="prompt")
+        if len(prompt_ids) >= self.n_ctx:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.n_ctx} "
+                "(prompt and generated tokens together); shorten the prompt",
+                field="prompt",
+            )
+        if max_tokens > self.config.max_tokens_out:
+            raise InvalidRequest(
+                f"max_tokens is {max_tokens} but this worker allows at most {self.config.max_tokens_out}",
+                field="max_tokens",
+            )
+        seed = sampling.get("seed")
+        if seed is None:
+            seed = secrets.randbits(64)
+        params = SamplingParams(**{**sampling, "seed": int(seed)})
+        # generation stops at the end of the context: what does not fit is cut, reported as max_tokens
+        room = self.n_ctx - len(prompt_ids)
+        return Job(
+            job_id=job_id,
+            prompt_ids=prompt_ids,
+            max_tokens=min(max_tokens, room),
+            sampling=params,
+            stop_strings=list(stop),
+            seed=int(seed),
+            prompt=prompt if isinstance(prompt, str) else "",
+            api=api,
+        )
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt. Special-token text (``<|im_start|>``, ...) is parsed as the special token, as
+        llama.cpp's server does, so a prompt already formatted with the chat template works as intended."""
+        return list(self.tokenizer.encode(text))
+
+    def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        """Queue a job (its events will arrive on ``loop``); raises ``QueueFull``, ``NotAccepting`` or
+        ``DuplicateJob``."""
+        job.bind(loop)
+        with self._cond:
+            if not self.accepting:
+                why = "the worker is shutting down" if not self._accepting else f"unhealthy: {self.unhealthy_reason}"
+                self.metrics.rejected.labels(reason="unavailable").inc()
+                raise NotAccepting(f"this worker takes no new jobs ({why})")
+            if job.job_id in self._running or any(j.job_id == job.job_id for j in self._queue):
+                raise DuplicateJob(f"job {job.job_id!r} is already queued or running", field="job_id")
+            if len(self._queue) >= self.config.max_queue:
+                self.metrics.rejected.labels(reason="queue_full").inc()
+                raise QueueFull(
+                    f"the queue is full ({len(self._queue)} jobs waiting, {len(self._running)} running); retry later"
+                )
+            job.state = "queued"
+            self._queue.append(job)
+            self._cond.notify_all()
+        log.info("job queued", extra=self._job_fields(job, queue_length=len(self._queue)))
+
+    def cancel(self, job_id: str, code: str = "CANCELLED", message: str = "cancelled by the client",
+               retriable: bool | None = None) -> bool:
+        """End a queued or running job with error ``code``; True if it was found. Idempotent."""
+        with self._cond:
+            queued = next((j for j in self._queue if j.job_id == job_id), None)
+            if queued is not None:
+                self._queue.remove(queued)
+                self._cond.notify_all()
+            else:
+                running = self._running.get(job_id)
+                if running is None:
+                    return False
+                if running.cancel is None:
+                    running.cancel = (code, message, retriable)
+                    self._cond.notify_all()
+                return True
+        self._finish_error(queued, code, message, retriable)
+        return True
+
+    # --- the engine thread -------------------------------------------------------------------------------------------
+    def _engine_loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._queue or self._running or self._stop):
+                        self._cond.wait()
+                    if self._stop and not self._running:
+                        for job in list(self._queue):
+                            self._queue.remove(job)
+                            self._finish_error(job, "CANCELLED", "the worker stopped", True)
+                        self._cond.notify_all()
+                        return
+                    to_cancel = [j for j in self._running.values() if j.cancel is not None]
+                    now = time.monotonic()
+                    timed_out = [
+                        j for j in self._running.values()
+                        if j.cancel is None and j.started is not None
+                        and now - j.started > self.config.inference_timeout_s
+                    ]
+                    admit: list[Job] = []
+                    while self._queue and len(self._running) + len(admit) < self.config.max_batch:
+                        admit.append(self._queue.popleft())
+                    for job in admit:
+                        job.state = "running"
+                        self._running[job.job_id] = job
+                for job in to_cancel:
+                    code, message, retriable = job.cancel
+                    self._abort(job, code, message, retriable)
+                for job in timed_out:
+                    self._abort(job, InferenceTimeout.code,
+                                f"the job ran longer than the inference timeout ({self.config.inference_timeout_s:g} s)",
+                                True)
+                for job in admit:
+                    self._start(job)
+                if self._running:
+                    self._step()
+        except BaseException as exc:  # noqa: BLE001 - the thread must not die silently
+            log.exception("the engine thread failed")
+            self._mark_unhealthy(f"the engine thread failed: {type(exc).__name__}: {exc}")
+            with self._cond:
+                jobs = list(self._queue) + list(self._running.values())
+                self._queue.clear()
+                self._running.clear()
+                self._cond.notify_all()
+            for job in jobs:
+                self._finish_error(job, "INTERNAL", f"the engine thread failed: {type(exc).__name__}", True)
+
+    def _start(self, job: Job) -> None:
+        from orcd.engine import GenerationRequest
+
+        job.started = time.monotonic()
+        job.post("started", {
+            "job_id": job.job_id,
+            "model": self.config.model_id,
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        })
+        request = GenerationRequest(
+            request_id=job.job_id,
+            prompt_ids=job.prompt_ids,
+            max_tokens=job.max_tokens,
+            sampling=job.sampling,
+            stop_strings=job.stop_strings,
+            stop_token_ids=list(self._stop_token_ids()),
+        )
+        try:
+            devmem.guarded(lambda: self.engine.add_request(request), self.device, f"job {job.job_id!r}")
+        except OrcdError as err:
+            self._drop(job)
+            self._finish_error(job, err.code, err.message, err.retriable)
+            self._after_error(err)
+        else:
+            log.info("job started", extra=self._job_fields(job, prompt_tokens=len(job.prompt_ids),
+                                                            queue_time_ms=round((job.started - job.created) * 1000, 1)))
+
+    def _stop_token_ids(self) -> list[int]:
+        ids = getattr(self.tokenizer, "eot_ids", None) or []
+        return sorted(set(int(i) for i in ids))
+
+    def _step(self) -> None:
+        try:
+            events = devmem.guarded(self.engine.step, self.device, "the decode step")
+        except OrcdError as err:
+            # the failed step belongs to every job in it: end them all, free their caches, keep serving
+            with self._cond:
+                jobs = list(self._running.values())
+            for job in jobs:
+                self._abort(job, err.code, err.message, err.retriable)
+            self._after_error(err)
+            return
+        for ev in events:
+            job = self._running.get(ev.request_id)
+            if job is None:  # already ended here (cancelled); the engine's late word on it is not news
+                continue
+            if hasattr(ev, "token_id"):
+                job.tokens_out += 1
+                job.post("token", {"t": ev.text, "i": ev.index})
+            else:
+                self._finish(job, ev)
+
+    def _finish(self, job: Job, ev: Any) -> None:
+        """The engine ended ``job`` (``ev`` is its ``FinishEvent``)."""
+        with self._cond:
+            self._running.pop(job.job_id, None)
+            job.state = "done"
+            self._cond.notify_all()
+        reason = ev.reason
+        if reason in FINISH_REASONS:
+            decode_ms = round(float(ev.decode_time_s or 0.0) * 1000, 3)
+            ttft = ev.time_to_first_token_s
+            job.post("metrics", {
+                "prompt_tokens": ev.prompt_tokens,
+                "tokens_out": ev.completion_tokens,
+                "time_to_first_token_ms": None if ttft is None else round(ttft * 1000, 3),
+                "decode_tokens_per_s": _rate(ev.completion_tokens, ev.decode_time_s),
+                "queue_time_ms": round(((job.started or job.created) - job.created) * 1000, 3),
+            })
+            job.post("end", {"tokens_out": ev.completion_tokens, "decode_time_ms": decode_ms, "stop_reason": reason,
+                             "seed": job.seed})
+            self.metrics.requests.labels(outcome=reason).inc()
+            log.info("job finished", extra=self._job_fields(
+                job, stop_reason=reason, prompt_tokens=ev.prompt_tokens, tokens_out=ev.completion_tokens,
+                time_to_first_token_ms=None if ttft is None else round(ttft * 1000, 1),
+                decode_tokens_per_s=_rate(ev.completion_tokens, ev.decode_time_s)))
+        else:
+            err = ev.error if isinstance(ev.error, OrcdError) else None
+            message = err.message if err else str(ev.error or reason)
+            retriable = err.retriable if err else reason in (VramOOM.code, InferenceTimeout.code)
+            self._post_error(job, reason, message, retriable)
+            if reason == VramOOM.code:
+                devmem.release_cached(self.device)
+        self._refresh_vram()
+
+    def _abort(self, job: Job, code: str, message: str, retriable: bool | None) -> None:
+        """End a running job from the worker's side (cancel, timeout, failed step)."""
+        self._drop(job)
+        self._finish_error(job, code, message, retriable)
+
+    def _drop(self, job: Job) -> None:
+        try:
+            self.engine.cancel(job.job_id)
+        except Exception:  # noqa: BLE001 - the job is ending anyway; its cache is released below if need be
+            log.exception("engine.cancel(%r) failed", job.job_id)
+        with self._cond:
+            self._running.pop(job.job_id, None)
+            self._cond.notify_all()
+
+    def _finish_error(self, job: Job, code: str, message: str, retriable: bool | None) -> None:
+        with self._cond:
+            if job.done:
+                return
+            job.state = "done"
+            self._cond.notify_all()
+        self._post_error(job, code, message, retriable)
+
+    def _post_error(self, job: Job, code: str, message: str, retriable: bool | None) -> None:
+        job.state = "done"
+        if retriable is None:
+            retriable = _default_retriable(code)
+        job.post("error", {"code": code, "message": message, "retriable": retriable})
+        self.metrics.requests.labels(outcome=code).inc()
+        level = logging.INFO if code == Cancelled.code else logging.WARNING
+        log.log(level, "job failed", extra=self._job_fields(job, code=code, error=message, tokens_out=job.tokens_out))
+
+    def _after_error(self, err: OrcdError) -> None:
+        if err.code == "CUDA_ERROR":  # the CUDA context may be unusable: stop taking jobs until restarted
+            self._mark_unhealthy(err.message)
+        self._refresh_vram()
+
+    # --- health --------------------------------------------------------------------------------------------------------
+    def _measure_vram(self) -> float:
+        allocated = devmem.allocated_bytes(self.device)
+        return float(allocated if allocated is not None else self.weights_bytes)
+
+    def _refresh_vram(self) -> None:
+        self.vram_bytes = int(self._measure_vram())
+
+    def _mark_unhealthy(self, reason: str) -> None:
+        if self.healthy:
+            log.error("worker unhealthy: %s", reason)
+        self.healthy = False
+        self.unhealthy_reason = reason
+
+    def check_residency(self) -> list[str]:
+        """Compare where the weights are with where they were loaded; mark the worker unhealthy if they moved."""
+        model = self.loaded.module if self.loaded is not None else None
+        if model is None:
+            return []
+        problems = self.residency.check(model)
+        self.last_residency_check = time.time()
+        if problems:
+            shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+            self._mark_unhealthy(f"weights are no longer where they were loaded: {shown}")
+        return problems
+
+    def _residency_loop(self) -> None:
+        while not self._residency_stop.wait(self.config.residency_interval_s):
+            try:
+                self.check_residency()
+            except Exception:  # noqa: BLE001 - a checker bug must not take the worker down
+                log.exception("residency check failed")
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "healthy" if self.healthy else "unhealthy",
+            "model": self.config.model_id,
+            "quant_kind": self.quant_kind,
+            "vram_bytes": self.vram_bytes,
+            "uptime_seconds": round(self.uptime_s, 3),
+            "worker_id": self.config.worker_id,
+            "device": str(self.device),
+            "synthetic": self.config.synthetic,
+            "state": self.state,
+            "accepting_jobs": self.accepting,
+            "queue_length": len(self._queue),
+            "running_jobs": len(self._running),
+            "context_length": self.n_ctx,
+            "model_path": self.model_path,
+            "reason": self.unhealthy_reason,
+            "last_residency_check": self.last_residency_check,
+        }
+
+    @property
+    def quant_kind(self) -> str:
+        return _quant_kind(self.loaded)
+
+    @property
+    def model_path(self) -> str:
+        return str(getattr(getattr(self.loaded, "model_file", None), "path", ""))
+
+    def _job_fields(self, job: Job, **more: Any) -> dict[str, Any]:
+        fields: dict[str, Any] = {"job_id": job.job_id, "api": job.api}
+        if self.config.log_prompts and job.prompt:
+            fields["prompt"] = job.prompt
+        fields.update(more)
+        return fields
+
+
+def _quant_kind(loaded: Any) -> str:
+    model_file = getattr(loaded, "model_file", None)
+    name = getattr(model_file, "file_type_name", None) if model_file is not None else None
+    return str(name or "unknown")
+
+
+def _rate(tokens: int, seconds: float | None) -> float | None:
+    if not seconds or tokens <= 1:
+        return None
+    return round((tokens - 1) / seconds, 2) if seconds > 0 else None
+
+
+def _default_retriable(code: str) -> bool:
+    return code in (VramOOM.code, InferenceTimeout.code, "QUEUE_FULL", "UNAVAILABLE")
