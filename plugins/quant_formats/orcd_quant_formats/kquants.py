@@ -236,22 +236,17 @@ def _quantize_rows(values: np.ndarray, quantize_blocks, type_size: int, chunk: i
     return out.reshape(*values.shape[:-1], values.shape[-1] // QK_K * type_size)
 
 
-def _lstsq_scale_min(x: np.ndarray, w: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted least-squares ``x ~ scale * q + offset`` over the last axis, with ``offset <= 0`` (the format
-    stores ``-offset`` unsigned). Arrays broadcast; returns ``scale, offset`` with the last axis reduced."""
-    sw = w.sum(-1)
-    sx = (w * x).sum(-1)
-    sq = (w * q).sum(-1)
-    sqq = (w * q * q).sum(-1)
-    sxq = (w * x * q).sum(-1)
-    det = sw * sqq - sq * sq
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(det > 0, (sw * sxq - sx * sq) / det, 0.0)
-        offset = np.where(det > 0, (sqq * sx - sq * sxq) / det, 0.0)
-        # A positive offset is not representable: refit the scale alone with offset 0.
-        scale_only = np.where(sqq > 0, sxq / sqq, 0.0)
-    positive = offset > 0
-    return np.where(positive, scale_only, scale), np.where(positive, 0.0, offset)
+def _levels(inv: np.ndarray, x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """``clip(round(inv * x), lo, hi)`` for every candidate: ``inv (S, C)``, ``x (S, L)`` -> float32 ``(S, C, L)``,
+    computed in place (this array is the bulk of a quantizer's memory and time)."""
+    q = inv.astype(np.float32)[..., None] * x[:, None, :]
+    np.rint(q, out=q)
+    return np.clip(q, lo, hi, out=q)
+
+
+def _weighted_sums(q: np.ndarray, *weights: np.ndarray) -> list[np.ndarray]:
+    """``sum_l q[s, c, l] * w[s, l]`` for each ``w`` (batched mat-vec products), as float64 ``(S, C)``."""
+    return [np.matmul(q, w[:, :, None])[..., 0].astype(np.float64) for w in weights]
 
 
 def fit_scale_min(
@@ -260,24 +255,43 @@ def fit_scale_min(
     """Scale and min per sub-block (rows of ``x``) for ``x ~ scale * q - min``, ``q`` in ``0..nmax``, ``min >= 0``.
 
     Candidates: the plain min/max mapping, and inverse scales ``(nmax + rmin + rdelta * i) / (max - min)`` for
-    ``i = 0..nstep``, each refit by weighted least squares; the one with the least weighted squared (or absolute)
-    error wins.
+    ``i = 0..nstep``; each candidate's levels are refit by weighted least squares ``x ~ scale * q + offset`` with
+    ``offset <= 0`` (the format stores ``-offset`` unsigned). The least weighted squared (or, for ``absolute``,
+    absolute) error wins.
     """
+    x = x.astype(np.float32)
+    w = w.astype(np.float32)
     lo = np.minimum(x.min(-1), 0.0)
     span = x.max(-1) - lo
     flat = span <= 0
-    span = np.where(flat, 1.0, span)
+    span = np.where(flat, 1.0, span).astype(np.float64)
     steps = np.concatenate(([float(nmax)], nmax + rmin + rdelta * np.arange(nstep + 1)))
     inv = steps[None, :] / span[:, None]  # (S, C)
-    xs = x[:, None, :]
-    q = np.clip(np.rint(inv[..., None] * (xs - lo[:, None, None])), 0, nmax)  # (S, C, L)
-    scale, offset = _lstsq_scale_min(xs, w[:, None, :], q)
-    # The first candidate keeps its plain mapping, as a fallback that never loses to a degenerate fit.
+    q = _levels(inv, x - lo[:, None], 0, nmax)
+    sw, sx, sxx = (np.sum(v, -1, dtype=np.float64)[:, None] for v in (w, w * x, w * x * x))
+    sq, sxq = _weighted_sums(q, w, w * x)
+    np.square(q, out=q)
+    (sqq,) = _weighted_sums(q, w)
+    np.sqrt(q, out=q)  # back to the levels (exact: small integers)
+
+    det = sw * sqq - sq * sq
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(det > 0, (sw * sxq - sx * sq) / det, 0.0)
+        offset = np.where(det > 0, (sqq * sx - sq * sxq) / det, 0.0)
+        scale_only = np.where(sqq > 0, sxq / sqq, 0.0)  # a positive offset is not representable: refit without
+    positive = offset > 0
+    scale = np.where(positive, scale_only, scale)
+    offset = np.where(positive, 0.0, offset)
+    # The first candidate keeps its plain mapping, a fallback that a degenerate fit never beats.
     scale[:, 0] = 1.0 / inv[:, 0]
     offset[:, 0] = lo
-    err = scale[..., None] * q + offset[..., None] - xs
-    err = np.abs(err) if absolute else err * err
-    best = np.argmin((w[:, None, :] * err).sum(-1), axis=1)
+    if absolute:
+        err = scale.astype(np.float32)[..., None] * q + offset.astype(np.float32)[..., None] - x[:, None, :]
+        cost = np.matmul(np.abs(err), w[:, :, None])[..., 0]
+    else:  # sum w (scale q + offset - x)^2, expanded into the sums above
+        cost = (scale * scale * sqq + 2 * scale * offset * sq + offset * offset * sw
+                - 2 * scale * sxq - 2 * offset * sx + sxx)
+    best = np.argmin(cost, axis=1)
     pick = np.arange(x.shape[0])
     scale, offset = scale[pick, best], offset[pick, best]
     return np.where(flat, 0.0, scale), np.where(flat, -lo, -offset)
@@ -288,18 +302,19 @@ def fit_symmetric(x: np.ndarray, nmax: int, nstep: int = 9, rdelta: float = 0.1)
 
     The largest-magnitude value maps to ``-nmax`` (the side with one more level), so the scale has the opposite
     sign to it. Candidates ``-(nmax + rdelta * i) / amax`` for ``|i| <= nstep`` are refit by least squares weighted
-    with ``x**2``; the best weighted fit wins.
+    with ``x**2``; the fit that reduces the weighted error most wins.
     """
+    x = x.astype(np.float32)
     imax = np.abs(x).argmax(-1)
-    vmax = np.take_along_axis(x, imax[:, None], -1)[:, 0]
+    vmax = np.take_along_axis(x, imax[:, None], -1)[:, 0].astype(np.float64)
     zero = vmax == 0
     vmax = np.where(zero, 1.0, vmax)
     inv = -(nmax + rdelta * np.arange(-nstep, nstep + 1))[None, :] / vmax[:, None]  # (S, C)
-    xs = x[:, None, :]
-    q = np.clip(np.rint(inv[..., None] * xs), -nmax, nmax - 1)
-    w = xs * xs
-    sxq = (w * xs * q).sum(-1)
-    sqq = (w * q * q).sum(-1)
+    q = _levels(inv, x, -nmax, nmax - 1)
+    w = x * x
+    (sxq,) = _weighted_sums(q, w * x)
+    np.square(q, out=q)
+    (sqq,) = _weighted_sums(q, w)
     with np.errstate(divide="ignore", invalid="ignore"):
         gain = np.where(sqq > 0, sxq * sxq / sqq, -1.0)  # error reduction of the least-squares fit
         scale = np.where(sqq > 0, sxq / sqq, 0.0)
