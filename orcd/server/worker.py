@@ -369,7 +369,8 @@ class Worker:
                                 True)
                 for job in admit:
                     self._start(job)
-                if self._running:
+                # also step when only cancelled sequences are left in the engine: the step releases their cache
+                if self._running or self.engine.has_work():
                     self._step()
         except BaseException as exc:  # noqa: BLE001 - the thread must not die silently
             log.exception("the engine thread failed")
@@ -397,7 +398,7 @@ class Worker:
             max_tokens=job.max_tokens,
             sampling=job.sampling,
             stop_strings=job.stop_strings,
-            stop_token_ids=list(self._stop_token_ids()),
+            stop_token_ids=None,  # the model's end-of-generation tokens (EOS, end of turn)
         )
         try:
             devmem.guarded(lambda: self.engine.add_request(request), self.device, f"job {job.job_id!r}")
@@ -408,10 +409,6 @@ class Worker:
         else:
             log.info("job started", extra=self._job_fields(job, prompt_tokens=len(job.prompt_ids),
                                                             queue_time_ms=round((job.started - job.created) * 1000, 1)))
-
-    def _stop_token_ids(self) -> list[int]:
-        ids = getattr(self.tokenizer, "eot_ids", None) or []
-        return sorted(set(int(i) for i in ids))
 
     def _step(self) -> None:
         try:
