@@ -1,0 +1,1 @@
+"""Micro-benchmarks: ``python -m orcd.bench.dequant`` (dequantize throughput per block format)."""
