@@ -31,6 +31,7 @@ class ForwardBatch:
     cache: LayerCache | None = None
     slots: list[int] | None = None  # the cache slot of each sequence (required with a cache)
     kv_length: int = 0  # positions of each slot attention reads: max position + 1 (set by __post_init__)
+    starts: list[int] | None = None  # host copy of each sequence's first position (set by __post_init__)
     memo: dict[Any, Any] = field(default_factory=dict)  # per-forward values shared by layers (masks, cos/sin)
 
     def __post_init__(self) -> None:
@@ -40,6 +41,9 @@ class ForwardBatch:
         if self.cache is not None:
             if self.slots is None or len(self.slots) != self.tokens.shape[0]:
                 raise ValueError("a forward with a KV cache needs one slot per sequence")
+            # Host-side numbers, so that layers never wait on the device to learn them.
+            if self.starts is None:
+                self.starts = self.positions[:, 0].tolist()
             if not self.kv_length:
                 self.kv_length = int(self.positions.max()) + 1
 

@@ -165,6 +165,8 @@ class Phi3(Architecture):
             f"{a}.rope.dimension_count": rope_dim or head_dim,
             f"{a}.rope.freq_base": 10000.0,
             f"{a}.attention.layer_norm_rms_epsilon": 1e-5,
+            "tokenizer.ggml.add_bos_token": True,  # Phi-3's tokenizer_config: add_bos_token true, add_eos false
+            "tokenizer.ggml.add_eos_token": False,
         }
         if window:
             metadata[f"{a}.attention.sliding_window"] = window
