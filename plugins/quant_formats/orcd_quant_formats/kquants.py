@@ -72,7 +72,7 @@ class Q2_K(QuantFormat):
         dl = (f16(blocks, 80) * (scales & 0x0F).float()).reshape(n, 16, 1)
         ml = (f16(blocks, 82) * (scales >> 4).float()).reshape(n, 16, 1)
         q = low_bits(blocks[:, 16:80].reshape(2 * n, 32), 2).reshape(n, 16, 16).float()
-        return (dl * q - ml).reshape(n, QK_K)
+        return q.mul_(dl).sub_(ml).reshape(n, QK_K)
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
         return _quantize_rows(values, _q2_k_blocks, self.type_size)
@@ -98,7 +98,7 @@ class Q3_K(QuantFormat):
         ql = low_bits(blocks[:, 32:96].reshape(2 * n, 32), 2).reshape(n, 16, 16)
         hm = low_bits(blocks[:, :32], 1).reshape(n, 16, 16)
         q = ql.to(torch.int8) - ((hm ^ 1) << 2).to(torch.int8)
-        return (dl * q.float()).reshape(n, QK_K)
+        return q.float().mul_(dl).reshape(n, QK_K)
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
         return _quantize_rows(values, _q3_k_blocks, self.type_size)
@@ -118,7 +118,7 @@ class Q4_K(QuantFormat):
         dl = (f16(blocks, 0) * sc.float()).reshape(n, 8, 1)
         ml = (f16(blocks, 2) * mn.float()).reshape(n, 8, 1)
         q = nibbles(blocks[:, 16:].reshape(4 * n, 32)).reshape(n, 8, 32).float()
-        return (dl * q - ml).reshape(n, QK_K)
+        return q.mul_(dl).sub_(ml).reshape(n, QK_K)
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
         return _quantize_rows(values, _q4_k_blocks, self.type_size)
@@ -138,7 +138,7 @@ class Q5_K(QuantFormat):
         ql = nibbles(blocks[:, 48:].reshape(4 * n, 32)).reshape(n, 8, 32)
         qh = low_bits(blocks[:, 16:48], 1)  # (n, 8, 32): bit s of qh[j] is bit 4 of value 32*s + j
         q = (ql | (qh << 4)).float()
-        return (dl * q - ml).reshape(n, QK_K)
+        return q.mul_(dl).sub_(ml).reshape(n, QK_K)
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
         return _quantize_rows(values, _q5_k_blocks, self.type_size)
@@ -158,7 +158,7 @@ class Q6_K(QuantFormat):
         ql = nibbles(blocks[:, :128].reshape(2 * n, 64)).reshape(n, 8, 32)
         qh = low_bits(blocks[:, 128:192].reshape(2 * n, 32), 2).reshape(n, 8, 32)
         q = (ql | (qh << 4)).to(torch.int8) - 32
-        return (dl * q.reshape(n, 16, 16).float()).reshape(n, QK_K)
+        return q.reshape(n, 16, 16).float().mul_(dl).reshape(n, QK_K)
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
         return _quantize_rows(values, _q6_k_blocks, self.type_size)

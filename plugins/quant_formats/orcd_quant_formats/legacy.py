@@ -6,7 +6,8 @@ nibble and value ``j + 16`` in its high nibble; ``qh`` is a little-endian uint32
 ``i``. gguf computes ``d * q`` (``_0``) and ``(d * q) + m`` (``_1``) in float32. The product of an fp16 scale
 (11 significant bits) and a level of at most 8 bits is exact in float32, so the only rounding is the final addition:
 any order of the same float32 operations (or a fused multiply-add) gives the same bits, but computing in fp16/bf16
-would not -- the rule for future fused kernels too.
+would not -- the rule for future fused kernels too. Offsets are applied to the integer levels, and the float work
+is done in place on the output, so a call allocates one float32 tensor (what bounds the reference path's tiles).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class Q4_0(_GgufQuantizer):
     ggml_type, block_size, type_size = T.Q4_0, 32, 18
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
-        q = _four_bit(blocks[:, 2:]).float() - 8.0  # exact: small integers
-        return f16(blocks, 0) * q
+        q = _four_bit(blocks[:, 2:]).to(torch.int8) - 8
+        return q.float().mul_(f16(blocks, 0))
 
     def random_blocks(self, n_blocks: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
         out = random_bytes(rng, n_blocks, self.type_size)
@@ -54,7 +55,7 @@ class Q4_1(_GgufQuantizer):
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
         q = _four_bit(blocks[:, 4:]).float()
-        return (f16(blocks, 0) * q) + f16(blocks, 2)
+        return q.mul_(f16(blocks, 0)).add_(f16(blocks, 2))
 
     def random_blocks(self, n_blocks: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
         out = random_bytes(rng, n_blocks, self.type_size)
@@ -68,8 +69,8 @@ class Q5_0(_GgufQuantizer):
     ggml_type, block_size, type_size = T.Q5_0, 32, 22
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
-        q = _five_bit(blocks[:, 2:6], blocks[:, 6:]).float() - 16.0
-        return f16(blocks, 0) * q
+        q = _five_bit(blocks[:, 2:6], blocks[:, 6:]).to(torch.int8) - 16
+        return q.float().mul_(f16(blocks, 0))
 
     def random_blocks(self, n_blocks: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
         out = random_bytes(rng, n_blocks, self.type_size)
@@ -82,7 +83,7 @@ class Q5_1(_GgufQuantizer):
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
         q = _five_bit(blocks[:, 4:8], blocks[:, 8:]).float()
-        return (f16(blocks, 0) * q) + f16(blocks, 2)
+        return q.mul_(f16(blocks, 0)).add_(f16(blocks, 2))
 
     def random_blocks(self, n_blocks: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
         out = random_bytes(rng, n_blocks, self.type_size)
@@ -96,7 +97,7 @@ class Q8_0(_GgufQuantizer):
     ggml_type, block_size, type_size = T.Q8_0, 32, 34
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
-        return blocks[:, 2:].view(torch.int8).float() * f16(blocks, 0)
+        return blocks[:, 2:].view(torch.int8).float().mul_(f16(blocks, 0))
 
     def random_blocks(self, n_blocks: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
         out = random_bytes(rng, n_blocks, self.type_size)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from orcd.quant import QuantFormat
-from orcd_quant_formats.blocks import random_bytes
+from orcd_quant_formats.blocks import nibbles, random_bytes
 
 T = gguf.GGMLQuantizationType
 
@@ -22,20 +22,18 @@ E2M1_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 _LUT_CACHE: dict[torch.device, torch.Tensor] = {}
 
 
-def _byte_table(device: torch.device) -> torch.Tensor:
-    """For each byte, its two decoded codes (low nibble, high nibble) as float32: ``(256, 2)``."""
+def _code_table(device: torch.device) -> torch.Tensor:
+    """The 16 decoded codes as float32 on ``device`` (cached)."""
     lut = _LUT_CACHE.get(device)
     if lut is None:
-        k = torch.tensor(E2M1_DOUBLED, dtype=torch.float32)
-        b = torch.arange(256)
-        lut = _LUT_CACHE[device] = torch.stack((k[b & 15], k[b >> 4]), dim=1).to(device)
+        lut = _LUT_CACHE[device] = torch.tensor(E2M1_DOUBLED, dtype=torch.float32, device=device)
     return lut
 
 
 def e8m0_half(e: torch.Tensor) -> torch.Tensor:
     """``2**(e - 128)`` as float32 for uint8 exponents ``e``: gguf's ``e8m0_to_fp32_half``, bit for bit."""
     e32 = e.to(torch.int32)
-    bits = torch.where(e32 < 2, torch.bitwise_left_shift(0x00200000, e32), (e32 - 1) << 23)
+    bits = torch.where(e32 < 2, (e32 + 1) << 21, (e32 - 1) << 23)  # e = 0, 1: subnormal bits 0x200000, 0x400000
     return bits.view(torch.float32)
 
 
@@ -45,9 +43,9 @@ class MXFP4(QuantFormat):
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
         n = blocks.shape[0]
         d = e8m0_half(blocks[:, :1])
-        # (n, 16, 2) -> (n, 2, 16): lows are values 0..15, highs 16..31. Codes are exact small floats.
-        k = _byte_table(blocks.device)[blocks[:, 1:].long()].transpose(1, 2).reshape(n, 32)
-        return d * k
+        codes = nibbles(blocks[:, 1:]).reshape(-1).to(torch.int32)  # lows are values 0..15, highs 16..31
+        k = torch.index_select(_code_table(blocks.device), 0, codes).view(n, 32)  # exact small floats
+        return k.mul_(d)
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
         return gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), T.MXFP4)
