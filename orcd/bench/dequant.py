@@ -27,7 +27,7 @@ import torch
 from orcd.plugins import OrcdPluginManager, get_plugin_manager
 from orcd.quant import QuantFormat
 
-DEFAULT_SIZES = {"cpu": (1 << 22,), "cuda": (1 << 24, 1 << 26)}
+DEFAULT_SIZES = {"cpu": (1 << 24,), "cuda": (1 << 24, 1 << 26)}  # CPU: 64 MiB out, past L3
 COPY_BYTES = 1 << 30
 
 
