@@ -8,4 +8,6 @@ from orcd.arch import Architecture
 
 @orcd.hookimpl
 def register_architectures(register: Callable[[Architecture], None]) -> None:
-    return None  # gpt-oss lands with its own issue
+    from orcd_gpt_adapter.gpt_oss import GptOss  # imported lazily: `orcd plugins` stays fast
+
+    register(GptOss())
