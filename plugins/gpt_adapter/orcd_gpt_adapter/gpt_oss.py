@@ -65,13 +65,6 @@ class GptOssConfig(ModelConfig):
                            attn_factor=self.rope_attn_factor, beta_fast=self.rope_yarn_beta_fast,
                            beta_slow=self.rope_yarn_beta_slow)
 
-    def kv_cache_bytes(self, n_ctx: int | None = None, bytes_per_element: int = 2) -> int:
-        """Sliding-window layers never need more than the window's keys; full layers need the whole context."""
-        n_ctx = self.context_length if n_ctx is None else n_ctx
-        per_token = 2 * self.head_count_kv * self.head_dim * bytes_per_element
-        n_swa = sum(self.is_sliding(i) for i in range(self.block_count))
-        return per_token * ((self.block_count - n_swa) * n_ctx + n_swa * min(n_ctx, self.sliding_window))
-
 
 # (hidden, layers, q heads, kv heads, head dim, experts, used, expert ffn, vocab, context)
 _PRESETS: dict[str, tuple[int, ...]] = {
