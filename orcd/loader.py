@@ -3,7 +3,6 @@ and the module on the device. Everything the engine and the commands need comes 
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,6 @@ from orcd.description import open_checked
 from orcd.device import parse_device
 from orcd.modelfile import ModelFile
 from orcd.plugins import OrcdPluginManager, get_plugin_manager
-
-log = logging.getLogger(__name__)
 
 Progress = Callable[[int, str], None]
 
@@ -40,17 +37,13 @@ def load_tokenizer(model: ModelFile) -> Any:
     return Tokenizer.from_gguf(model)
 
 
-def load_chat_template(model: ModelFile, tokenizer: Any) -> Any:
+def load_chat_template(model: ModelFile) -> Any:
+    """The file's chat template, or None when it has none (then only plain prompts can be served)."""
+    from orcd.chat import ChatTemplate
+
     if not model.get("tokenizer.chat_template"):
         return None
-    try:
-        from orcd.chat import ChatTemplate
-    except ModuleNotFoundError as e:
-        if e.name != "orcd.chat":
-            raise
-        log.warning("orcd.chat is not installed yet: the chat template of %s is not loaded", model.path)
-        return None
-    return ChatTemplate.from_gguf(model, tokenizer)
+    return ChatTemplate.from_gguf(model)
 
 
 def load_model(
@@ -70,7 +63,7 @@ def load_model(
     model, config = open_checked(path, plugins)
     report(25, f"{config.architecture} model checked: {len(model.tensors)} tensors, {model.file_type_name}")
     tokenizer = load_tokenizer(model)
-    chat_template = load_chat_template(model, tokenizer)
+    chat_template = load_chat_template(model)
     report(50, "tokenizer and chat template ready")
     module = plugins.architecture(config.architecture).build(model, config, dev, plugins)
     module.eval()
