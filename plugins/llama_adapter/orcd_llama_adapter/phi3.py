@@ -49,8 +49,9 @@ class Phi3Config(ModelConfig):
 _PRESETS: dict[str, tuple[int, int, int, int, int, int, int, int | None, int | None, int | None]] = {
     # hidden 256 lets Q4_K_M use Q4_K/Q5_K/Q6_K; ffn 384 makes ffn_down fall back to a 32-block type.
     "tiny": (256, 2, 4, 2, 384, 512, 4096, 2047, None, None),
-    # Phi-3-mini-128k's features at tiny size: LongRoPE factors (original context 64) and partial rotary.
-    "tiny-longrope": (256, 2, 4, 2, 384, 512, 1024, None, 48, 64),
+    # Phi-3-mini-128k's features at tiny size: LongRoPE factors and partial rotary. The original context is 256
+    # because llama.cpp rounds n_ctx up to a multiple of 256: 256 selects the short factors there, 512 the long.
+    "tiny-longrope": (256, 2, 4, 2, 384, 512, 4096, None, 48, 256),
     "phi-3-mini-4k": (3072, 32, 32, 32, 8192, 32064, 4096, 2047, None, None),
 }
 
