@@ -181,6 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--types", help="comma-separated ggml type names (default: every registered format)")
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (median reported)")
     parser.add_argument("--no-gguf", action="store_true", help="skip gguf's numpy dequantizer (slow at large sizes)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
 
 
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orcd.bench.dequant", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "all":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
