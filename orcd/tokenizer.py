@@ -352,7 +352,7 @@ def _post_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None) ->
 def _piece_bytes(v: GGUFVocab, types: Sequence[int]) -> list[bytes]:
     """Each token's bytes as llama_token_to_piece renders it with special=true (CONTROL/UNKNOWN show their text)."""
     pieces: list[bytes] = []
-    for text, t in zip(v.tokens, types):
+    for i, (text, t) in enumerate(zip(v.tokens, types)):
         if t in (CONTROL, USER_DEFINED, UNKNOWN):
             pieces.append(text.encode("utf-8"))
         elif t == UNUSED:
@@ -360,19 +360,20 @@ def _piece_bytes(v: GGUFVocab, types: Sequence[int]) -> list[bytes]:
         elif v.model == "gpt2":
             pieces.append(bytes(UNICODE_TO_BYTE.get(c, 0x3F) for c in text) if t == NORMAL else b"")
         elif t == BYTE:
-            pieces.append(bytes([_byte_token_value(text, v.source)]))
+            pieces.append(bytes([_byte_token_value(text, i, v.source)]))
         else:
             pieces.append(text.replace(SPM_SPACE, " ").encode("utf-8"))
     return pieces
 
 
-def _byte_token_value(text: str, source: str) -> int:
+def _byte_token_value(text: str, index: int, source: str) -> int:
     if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
         try:
             return int(text[3:5], 16)
         except ValueError:
             pass
-    raise ModelFileError(f"{source}: byte token {text!r} is not of the form <0xNN>", key="tokenizer.ggml.tokens")
+    raise ModelFileError(f"{source}: tokenizer.ggml.tokens[{index}] is {text!r}, a BYTE token not of the form <0xNN>",
+                         key="tokenizer.ggml.tokens")
 
 
 # --- the tokenizer ---------------------------------------------------------------------------------------------------
@@ -590,8 +591,8 @@ class Tokenizer:
             out += piece
         return out.decode("utf-8", errors="replace")
 
-    def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
-        return StreamDecoder(self, skip_special=skip_special)
+    def stream_decoder(self, skip_special: bool = False, context: Sequence[int] = ()) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special=skip_special, context=context)
 
     def _check_id(self, token_id: int) -> None:
         if not 0 <= token_id < self.vocab_size:
@@ -604,16 +605,19 @@ class Tokenizer:
 class StreamDecoder:
     """Incremental detokenizer: ``feed`` one token id at a time and get the text that is complete so far. A
     character whose UTF-8 bytes are split across tokens is held back until its last byte arrives; ``flush`` at the
-    end returns what is left (an unfinished character as U+FFFD). Decodes a continuation: the first token's leading
-    space is kept."""
+    end returns what is left (an unfinished character as U+FFFD).
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
+    ``context`` is what comes before the fed tokens (the prompt): with it the text is what the tokens add to it (a
+    SentencePiece token's leading space is kept); without it the whole stream decodes as ``decode`` would."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False, context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.skip_special = skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip_next = tokenizer._strip_first_space and not context
         self._hf_stream = None
         if tokenizer._pieces is None:
-            self._hf_stream = decoders.DecodeStream(skip_special_tokens=skip_special)
+            self._hf_stream = decoders.DecodeStream(ids=list(context)[-8:] or None, skip_special_tokens=skip_special)
 
     def feed(self, token_id: int) -> str:
         tok = self.tokenizer
@@ -622,7 +626,11 @@ class StreamDecoder:
             return self._hf_stream.step(tok.hf, token_id) or ""
         if self.skip_special and token_id in tok.special_ids:
             return ""
-        return self._utf8.decode(tok.token_bytes(token_id))
+        piece = tok.token_bytes(token_id)
+        if self._strip_next:
+            self._strip_next = False
+            piece = piece.removeprefix(b" ")
+        return self._utf8.decode(piece)
 
     def flush(self) -> str:
         if self._hf_stream is not None:

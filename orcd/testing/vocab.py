@@ -40,6 +40,19 @@ SPM_BASE = ("<unk>", "<s>", "</s>")
 # converter copies that.
 _SPM_BASE_TYPES = (CONTROL, CONTROL, USER_DEFINED)
 _SPM_ADDED_SCORE = -1000.0
+
+# GPT-OSS (o200k_harmony): the roles as its GGUF names them, and its added tokens from id 199998 on.
+HARMONY_SPECIAL_TOKENS = {"bos": "<|startoftext|>", "eos": "<|return|>", "pad": "<|endoftext|>"}
+_HARMONY_NAMED = {199998: "<|startoftext|>", 199999: "<|endoftext|>", 200002: "<|return|>", 200003: "<|constrain|>",
+                  200005: "<|channel|>", 200006: "<|start|>", 200007: "<|end|>", 200008: "<|message|>",
+                  200012: "<|call|>", 200018: "<|endofprompt|>"}
+
+
+def harmony_added_tokens(full: bool = False) -> list[str]:
+    """GPT-OSS's added tokens in id order: through <|endofprompt|> (21), or all 1,090 up to id 201087 (``full``,
+    the real vocabulary's layout: 199,998 BPE tokens before them)."""
+    last = 201087 if full else 200018
+    return [_HARMONY_NAMED.get(i, f"<|reserved_{i}|>") for i in range(199998, last + 1)]
 _MAX_PIECE_CHARS = 16
 
 
@@ -92,7 +105,9 @@ def build_vocabulary(model: str, pre: str | None, vocab_size: int, special_token
     unknown = set(roles) - set(SPECIAL_ID_KEYS)
     if unknown:
         raise ValueError(f"special token roles {sorted(unknown)} are not GGUF roles ({', '.join(SPECIAL_ID_KEYS)})")
-    added = list(dict.fromkeys([*roles.values(), *extra_special]))  # unique, in order
+    # role tokens missing from extra_special first, then extra_special in its order (the real ids when it lists
+    # them all, as harmony_added_tokens does)
+    added = [t for t in dict.fromkeys(roles.values()) if t not in extra_special] + list(dict.fromkeys(extra_special))
     if model == "gpt2":
         pre = pre or "gpt-2"
         if pre not in PRE_TOKENIZERS:
