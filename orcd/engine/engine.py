@@ -313,7 +313,10 @@ class Engine:
                                                         event.completion_tokens, event.time_to_first_token_s, tps))
 
     def _hook(self, name: str, event: object) -> None:
-        try:
-            getattr(self.plugins.hook, name)(event=event)
-        except Exception:  # a metrics plugin must not break generation (hookspecs: logged, the request goes on)
-            log.exception("metrics hook %s raised", name)
+        """Call every plugin's implementation on its own: one that raises is logged and the others still run
+        (a single pluggy call would stop at the first exception)."""
+        for impl in getattr(self.plugins.hook, name).get_hookimpls():
+            try:
+                impl.function(event=event)
+            except Exception:
+                log.exception("metrics hook %s of plugin %r raised", name, impl.plugin_name)
