@@ -188,7 +188,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orcd.bench.dequant", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    return run_args(parser.parse_args(argv))
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """Run from parsed arguments (``main`` and ``orcd bench dequant``)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "all":

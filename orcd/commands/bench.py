@@ -1,0 +1,15 @@
+"""``orcd bench``: benchmarks that print a table (``orcd bench dequant``; model benchmarks join here)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print a table")
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    from orcd.bench import dequant
+
+    d = kinds.add_parser("dequant", help="dequantize throughput per block format (orcd torch vs gguf numpy)")
+    dequant.add_arguments(d)
+    d.set_defaults(run=dequant.run_args)
