@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orcd import __version__
@@ -115,6 +116,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, field = describe_validation_error(exc)
         return error_response(request, 400, InvalidRequest.code, message, field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = InvalidRequest.code if exc.status_code < 500 else "INTERNAL"
+        if exc.status_code == 404:
+            code = "NOT_FOUND"
+        elif exc.status_code == 405:
+            code = "METHOD_NOT_ALLOWED"
+        return error_response(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(DuplicateJob)
     async def _duplicate(request: Request, exc: DuplicateJob) -> JSONResponse:
@@ -215,8 +225,12 @@ def _add_worker_routes(app: FastAPI) -> None:
 # --- middleware ----------------------------------------------------------------------------------------------------
 
 
-class _BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from the body stream when it passes the limit. An HTTP exception, because FastAPI turns any other
+    exception raised while reading a body into a 400; the app's handler answers it as a 413."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"the request body is larger than {max_bytes} bytes")
 
 
 class BodySizeLimit:
@@ -244,7 +258,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge()
+                    raise BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -255,7 +269,7 @@ class BodySizeLimit:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
+        except BodyTooLarge:
             if not started:
                 await self._refuse(scope, send)
 

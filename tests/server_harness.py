@@ -1,0 +1,123 @@
+"""Helpers for the server tests: a real uvicorn server on a free loopback port (in a thread), an SSE reader, and a
+sampler plugin that keeps jobs running (it forbids the end-of-generation tokens, so a job runs to max_tokens).
+
+Nothing here replaces a part of orcd: the model, tokenizer, engine, worker and app are the real ones; the sampler
+is a plugin registered through the same hook as any third-party sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import uvicorn
+
+import orcd
+from orcd.loader import load_model
+from orcd.sampling import SamplerFactory, SamplingParams
+from orcd.server import Worker, WorkerConfig, create_app
+
+
+class NoEndOfGeneration(SamplerFactory):
+    """Sets the logits of the given token ids to -inf, so generation only ends at max_tokens or a stop string;
+    and takes ``delay_s`` per token, so the tiny model (0.5 ms a step on two CPU cores) decodes at the pace of a
+    real one on a GPU and a 2048-token job outlives what a test does while it runs."""
+
+    name, order = "test_no_end_of_generation", 5
+
+    def __init__(self, ids: Iterable[int], delay_s: float) -> None:
+        self.ids = sorted(int(i) for i in ids)
+        self.delay_s = delay_s
+
+    def create(self, params: SamplingParams):
+        ids = torch.tensor(self.ids, dtype=torch.long)
+
+        def apply(logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+            logits[ids.to(logits.device)] = float("-inf")
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            return logits
+
+        return apply
+
+
+class NoEndOfGenerationPlugin:
+    def __init__(self, ids: Iterable[int], delay_s: float = 0.002) -> None:
+        self.factory = NoEndOfGeneration(ids, delay_s)
+
+    @orcd.hookimpl
+    def register_samplers(self, register: Callable[[SamplerFactory], None]) -> None:
+        register(self.factory)
+
+
+def free_socket(host: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY: see serve.py
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    return sock
+
+
+class LiveServer:
+    """A worker and its app served by uvicorn on 127.0.0.1:<free port> from a background thread."""
+
+    def __init__(self, model_path: Path, plugins: Any, api_key: str | None = None, max_body_bytes: int | None = None,
+                 **config: Any) -> None:
+        self.loaded = load_model(model_path, device="cpu", plugins=plugins)
+        cfg = WorkerConfig(worker_id=config.pop("worker_id", "00000000-0000-4000-8000-000000000000"),
+                           model_id=model_path.name.removesuffix(".gguf"), synthetic=True, **config)
+        self.worker = Worker.create(self.loaded, plugins, torch.device("cpu"), cfg)
+        self.worker.start()
+        kwargs: dict[str, Any] = {"api_key": api_key}
+        if max_body_bytes is not None:
+            kwargs["max_body_bytes"] = max_body_bytes
+        self.app = create_app(self.worker, **kwargs)
+        self.sock = free_socket()
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.worker.close()
+        self.sock.close()
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event, data) pairs of a ``text/event-stream``; comments (keep-alives) are skipped."""
+    kind: str | None = None
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if kind is not None or data:
+                yield kind or "message", json.loads("\n".join(data))
+            kind, data = None, []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            kind = line[len("event:"):].strip()
+        elif line.startswith("data:"):
+            data.append(line[len("data:"):].strip())
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
