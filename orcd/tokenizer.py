@@ -345,7 +345,9 @@ def _post_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None) ->
     tail = [eos[0]] if eos else []
     specials = [t for t in (bos, eos) if t is not None]
     return processors.TemplateProcessing(
-        single=[*head, "$A", *tail], pair=[*head, "$A", *tail, *head, "$B", *tail], special_tokens=list(dict(specials).items())
+        single=[*head, "$A", *tail],
+        pair=[*head, "$A", *tail, *head, "$B", *tail],
+        special_tokens=list(dict(specials).items()),
     )
 
 
@@ -392,7 +394,8 @@ class Tokenizer:
     """Text ↔ token ids. Build with ``from_gguf`` (the model file's vocabulary) or ``from_file`` (tokenizer.json)."""
 
     def __init__(self, hf: tokenizers.Tokenizer, specials: _Specials, *, pieces: list[bytes] | None = None,
-                 texts: list[str] | None = None, strip_first_space: bool = False, source: str = "") -> None:
+                 texts: list[str] | None = None, strip_first_space: bool = False,
+                 rstrip_ids: Iterable[int] = (), source: str = "") -> None:
         self.hf = hf
         self._specials = specials
         self._pieces = pieces
@@ -402,7 +405,7 @@ class Tokenizer:
         self._lock = threading.Lock()  # encode_special_tokens is a setting of the shared tokenizers object
         # Special tokens that swallow the ASCII whitespace after them (llama.cpp's rule: isspace). Done on the text
         # before tokenizing, as tokenizers' own rstrip would also swallow Unicode spaces (U+3000, U+00A0).
-        self._rstrip_ids: frozenset[int] = frozenset()
+        self._rstrip_ids = frozenset(rstrip_ids)
         self._rstrip_patterns: dict[bool, re.Pattern[str] | None] = {}
 
     # --- construction ----------------------------------------------------------------------------------------------
@@ -432,10 +435,9 @@ class Tokenizer:
             special_ids=frozenset(i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)),
             add_bos=v.add_bos, add_eos=v.add_eos, extra=dict(v.special),
         )
-        tokenizer = cls(hf, specials, pieces=_piece_bytes(v, types), texts=v.tokens,
-                        strip_first_space=v.model == "llama" and v.add_space_prefix, source=source)
-        tokenizer._rstrip_ids = frozenset(v.rstrip_ids(types))
-        return tokenizer
+        return cls(hf, specials, pieces=_piece_bytes(v, types), texts=v.tokens,
+                   strip_first_space=v.model == "llama" and v.add_space_prefix, rstrip_ids=v.rstrip_ids(types),
+                   source=source)
 
     @classmethod
     def from_file(cls, path: str | Path, model: "ModelFile | None" = None) -> "Tokenizer":
@@ -577,6 +579,8 @@ class Tokenizer:
         token carries (the one encode prepended), as llama.cpp's detokenizer does."""
         ids = list(ids)
         if self._pieces is None:
+            for i in ids:
+                self._check_id(i)
             return self.hf.decode(ids, skip_special_tokens=skip_special)
         out = bytearray()
         first = True
@@ -591,8 +595,9 @@ class Tokenizer:
             out += piece
         return out.decode("utf-8", errors="replace")
 
-    def stream_decoder(self, skip_special: bool = False, context: Sequence[int] = ()) -> "StreamDecoder":
-        return StreamDecoder(self, skip_special=skip_special, context=context)
+    def stream_decoder(self, skip_special: bool = False, context: Sequence[int] = (),
+                       start_of_text: bool = False) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special=skip_special, context=context, start_of_text=start_of_text)
 
     def _check_id(self, token_id: int) -> None:
         if not 0 <= token_id < self.vocab_size:
@@ -607,17 +612,26 @@ class StreamDecoder:
     character whose UTF-8 bytes are split across tokens is held back until its last byte arrives; ``flush`` at the
     end returns what is left (an unfinished character as U+FFFD).
 
-    ``context`` is what comes before the fed tokens (the prompt): with it the text is what the tokens add to it (a
-    SentencePiece token's leading space is kept); without it the whole stream decodes as ``decode`` would."""
+    The fed tokens continue a prompt: a SentencePiece token's leading space is text, as llama.cpp and OpenAI-style
+    servers stream it (``context``, the prompt's ids, is only needed by the tokenizer.json backend when its decoder
+    depends on the preceding tokens). ``start_of_text=True`` decodes the stream as ``decode`` would, dropping the
+    space SentencePiece prepends to a text."""
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False, context: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False, context: Sequence[int] = (),
+                 start_of_text: bool = False) -> None:
         self.tokenizer = tokenizer
         self.skip_special = skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._strip_next = tokenizer._strip_first_space and not context
+        self._strip_next = tokenizer._strip_first_space and start_of_text
         self._hf_stream = None
         if tokenizer._pieces is None:
-            self._hf_stream = decoders.DecodeStream(ids=list(context)[-8:] or None, skip_special_tokens=skip_special)
+            prefix = list(context)[-8:]
+            if not prefix and not start_of_text:
+                # tokenizers' decoders strip the first token's space at the start of a text; decoding after a
+                # plain token makes it a continuation
+                plain = tokenizer.hf.token_to_id("a")
+                prefix = [plain] if plain is not None else []
+            self._hf_stream = decoders.DecodeStream(ids=prefix or None, skip_special_tokens=skip_special)
 
     def feed(self, token_id: int) -> str:
         tok = self.tokenizer

@@ -91,9 +91,11 @@ def test_harmony_options_render_as_transformers_does() -> None:
 def test_known_prompt_shapes() -> None:
     msgs = CONVERSATIONS["single"]
     qwen = ChatTemplate.from_string(*TEMPLATES["qwen2.5"]).render(msgs)
-    assert qwen == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    assert qwen == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+                    "<|im_end|>\n"
                     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
-    assert ChatTemplate.from_string(*TEMPLATES["phi-3"]).render(msgs) == "<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n"
+    phi3 = ChatTemplate.from_string(*TEMPLATES["phi-3"]).render(msgs)
+    assert phi3 == "<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n"
     harmony = ChatTemplate.from_string(*TEMPLATES["gpt-oss"]).render(msgs, strftime_now=lambda fmt: "2025-08-05")
     assert harmony.startswith("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
                               "Knowledge cutoff: 2024-06\nCurrent date: 2025-08-05\n\nReasoning: medium\n\n")
@@ -219,7 +221,8 @@ def test_split_harmony_channels() -> None:
 def test_harmony_split_of_a_decoded_generation(tmp_path: Path) -> None:
     """Decoded with the vocabulary (llama.cpp renders the harmony structure tokens even without special=true)."""
     tok = Tokenizer.from_gguf(ModelFile.open(write_vocab_gguf(tmp_path / "h.gguf", KINDS["gpt-oss"])))
-    generated = "<|channel|>analysis<|message|>2+2 is 4.<|end|><|start|>assistant<|channel|>final<|message|>Four.<|return|>"
+    generated = ("<|channel|>analysis<|message|>2+2 is 4.<|end|>"
+                 "<|start|>assistant<|channel|>final<|message|>Four.<|return|>")
     ids = tok.encode(generated, add_special=False)
     assert ids[-1] in tok.eot_ids and tok.token_to_id("<|end|>") not in tok.eot_ids
     text = tok.decode(ids[:-1], skip_special=True)

@@ -89,7 +89,10 @@ def test_every_token_piece_eog_and_bos_eos_match_llama_cpp(pair, kind: str) -> N
 
 
 def test_end_of_turn_tokens_of_each_family(pair) -> None:
-    texts = {kind: {pair(kind)[0].token_text(i) for i in pair(kind)[0].eot_ids} for kind in ("qwen2", "phi3", "gpt-oss")}
+    texts = {}
+    for kind in ("qwen2", "phi3", "gpt-oss"):
+        tok, _ = pair(kind)
+        texts[kind] = {tok.token_text(i) for i in tok.eot_ids}
     assert {"<|im_end|>", "<|endoftext|>"} <= texts["qwen2"]
     assert {"<|end|>", "<|endoftext|>"} <= texts["phi3"]
     # harmony: <|end|> closes a message, the turn ends with <|return|> or <|call|>

@@ -44,8 +44,8 @@ def test_decomposed_accents_are_not_normalized(tokenizers) -> None:
         assert tok.decode(tok.encode("e\u0301", add_special=False)) == "e\u0301"
 
 
-def _stream(tok: Tokenizer, ids: list[int], context: list[int] = ()) -> list[str]:
-    decoder = StreamDecoder(tok, context=context)
+def _stream(tok: Tokenizer, ids: list[int], context: list[int] = (), start_of_text: bool = True) -> list[str]:
+    decoder = StreamDecoder(tok, context=context, start_of_text=start_of_text)
     return [decoder.feed(i) for i in ids] + [decoder.flush()]
 
 
@@ -81,7 +81,7 @@ def test_stream_decoder_holds_back_byte_fallback_until_the_last_byte(tokenizers)
 
 @pytest.mark.parametrize("kind", ["phi3", "qwen2"])
 def test_stream_decoder_continues_a_prompt(tokenizers, tmp_path: Path, kind: str) -> None:
-    """With the prompt as context the first token's leading space is part of the continuation, in both backends."""
+    """A stream continues a prompt: the first token's leading space is text, in both backends."""
     tok = tokenizers[kind]
     tok.save(tmp_path)
     loaded = Tokenizer.from_file(tmp_path)
@@ -89,7 +89,8 @@ def test_stream_decoder_continues_a_prompt(tokenizers, tmp_path: Path, kind: str
     cut = next(i for i in range(len(full)) if tok.decode(full[:i]) == "Hello")
     prompt, ids = full[:cut], full[cut:]
     for t in (tok, loaded):
-        assert "".join(_stream(t, ids, context=prompt)) == " world again"
+        assert "".join(_stream(t, ids, start_of_text=False)) == " world again"
+        assert "".join(_stream(t, ids, context=prompt, start_of_text=False)) == " world again"
         assert "".join(_stream(t, prompt + ids)) == "Hello world again"
 
 

@@ -8,12 +8,16 @@ real models':
   a built-in corpus (English, code, JSON, CJK, Cyrillic, accented Latin, emoji) pre-tokenized with the spec's
   ``tokenizer_pre`` regexes, then systematic word merges up to size, then the special tokens (CONTROL, or
   USER_DEFINED where the real converter marks them so). Merges are written in rank order.
+* The special tokens come last: the roles' tokens that ``extra_special_tokens`` does not list, then
+  ``extra_special_tokens`` in its order (``harmony_added_tokens(full=True)`` gives GPT-OSS's real ids).
 * ``llama`` (Phi-3): ``<unk>``, ``<s>``, ``</s>`` (types as Phi-3's converter writes them), the 256 ``<0xNN>`` byte
   tokens, SentencePiece pieces with ``▁`` and descending scores (learned merges, then single characters, then
   systematic merges), then the added tokens (score -1000). Newlines, tabs and characters outside the learned
   alphabet (most CJK) are left to byte fallback, as in Llama-family vocabularies.
 
-Vocabularies are cached per shape: the 201,088-token GPT-OSS one takes about two seconds.
+Vocabularies are cached per shape; the 201,088-token GPT-OSS one takes under a second. add_bos_token and
+add_eos_token are written false, as the real Qwen2.5, Phi-3 (since its July 2024 update) and GPT-OSS files have them;
+a key in the spec's metadata wins.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import gguf
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
 from orcd.tokenizer import (
-    BYTE, BYTE_TO_UNICODE, CONTROL, NORMAL, PRE_TOKENIZERS, SPECIAL_ID_KEYS, SPM_SPACE, UNKNOWN, USER_DEFINED,
+    BYTE, BYTE_TO_UNICODE, CONTROL, NORMAL, PRE_TOKENIZERS, SPECIAL_ID_KEYS, SPM_SPACE, USER_DEFINED,
 )
 from orcd.testing.templates import resolve_chat_template
 
