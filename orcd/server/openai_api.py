@@ -3,6 +3,10 @@
 Each request becomes a worker job like ``/execute`` does (same queue, cancel on disconnect, same engine), and the
 job's events are re-shaped into OpenAI's objects: one response, or ``data:`` chunks ending with ``data: [DONE]``.
 Fields OpenAI defines that orcd does not implement are refused with a 400 naming them (see ``schemas``).
+
+Models whose chat template speaks harmony (GPT-OSS) answer in channels; a chat completion's ``content`` is the
+``final`` channel and ``reasoning_content`` the ``analysis`` channel (the field name llama.cpp and vLLM use),
+split as the text arrives when streaming. ``/v1/completions`` and ``/execute`` hand out the raw text.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from orcd.chat import split_harmony_channels
 from orcd.errors import InvalidRequest
 from orcd.server.app import cancel_if_open, error_response, job_events, worker_of
 from orcd.server.schemas import ChatCompletionRequest, CompletionRequest, _OpenAIBase
@@ -61,13 +66,44 @@ def add_openai_routes(app: FastAPI) -> None:
         if template is None:
             raise InvalidRequest("this model has no chat template; use /v1/completions with a formatted prompt",
                                  field="messages")
-        prompt = await run_in_threadpool(template.render, body.template_messages(), True)
+        try:
+            prompt = await run_in_threadpool(template.render, body.template_messages(), True)
+        except InvalidRequest as e:  # the template rejects the conversation (raise_exception)
+            raise InvalidRequest(e.message, field=e.field or "messages") from None
         limit = body.token_limit() or min(DEFAULT_CHAT_MAX_TOKENS, worker.config.max_tokens_out)
         job = await _submit(worker, body, prompt, limit, "openai.chat")
         ids = _Ids("chatcmpl", worker, body)
+        channels = HarmonyChannels() if speaks_harmony(worker) else None
         if body.stream:
-            return _stream(job, worker, ids, body.include_usage, chat=True)
-        return await _collect(job, worker, ids, request, chat=True)
+            return _stream(job, worker, ids, body.include_usage, chat=True, channels=channels)
+        return await _collect(job, worker, ids, request, chat=True, channels=channels)
+
+
+def speaks_harmony(worker: Worker) -> bool:
+    template = getattr(worker.loaded, "chat_template", None)
+    return template is not None and "<|channel|>" in getattr(template, "source", "")
+
+
+class HarmonyChannels:
+    """Splits a harmony completion into reasoning (``analysis``) and content (``final``) while it streams:
+    each ``feed`` re-splits the text so far and returns what each channel gained since the last call."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.sent = {"analysis": "", "final": ""}
+
+    def feed(self, piece: str) -> tuple[str, str]:
+        self.text += piece
+        parts = split_harmony_channels(self.text)
+        deltas = []
+        for channel in ("analysis", "final"):
+            new, old = parts.get(channel, ""), self.sent[channel]
+            if len(new) > len(old) and new.startswith(old):
+                deltas.append(new[len(old):])
+                self.sent[channel] = new
+            else:
+                deltas.append("")
+        return deltas[0], deltas[1]
 
 
 def _model_card(worker: Worker) -> dict[str, Any]:
@@ -130,7 +166,8 @@ def _chunk(ids: _Ids, chat: bool, choices: list[dict[str, Any]], usage: dict[str
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _stream(job: Job, worker: Worker, ids: _Ids, include_usage: bool, chat: bool) -> StreamingResponse:
+def _stream(job: Job, worker: Worker, ids: _Ids, include_usage: bool, chat: bool,
+            channels: HarmonyChannels | None = None) -> StreamingResponse:
     async def chunks() -> AsyncIterator[bytes]:
         try:
             if chat:  # OpenAI's first chat chunk announces the role
@@ -138,6 +175,13 @@ def _stream(job: Job, worker: Worker, ids: _Ids, include_usage: bool, chat: bool
             async for ev in job_events(job):
                 if ev is None:
                     yield b": keep-alive\n\n"
+                elif ev.kind == "token" and channels is not None:
+                    reasoning, content = channels.feed(ev.data["t"])
+                    if reasoning:
+                        yield _chunk(ids, chat, [{"index": 0, "delta": {"reasoning_content": reasoning},
+                                                  "logprobs": None, "finish_reason": None}])
+                    if content:
+                        yield _chunk(ids, chat, [_choice(chat, content, None)])
                 elif ev.kind == "token":
                     if ev.data["t"]:
                         yield _chunk(ids, chat, [_choice(chat, ev.data["t"], None)])
@@ -159,7 +203,8 @@ def _stream(job: Job, worker: Worker, ids: _Ids, include_usage: bool, chat: bool
                              background=BackgroundTask(cancel_if_open, worker, job))
 
 
-async def _collect(job: Job, worker: Worker, ids: _Ids, request: Request, chat: bool) -> Response:
+async def _collect(job: Job, worker: Worker, ids: _Ids, request: Request, chat: bool,
+                   channels: HarmonyChannels | None = None) -> Response:
     """Wait for the whole completion; a client that leaves meanwhile cancels the job."""
     parts: list[str] = []
     try:
@@ -174,8 +219,13 @@ async def _collect(job: Job, worker: Worker, ids: _Ids, request: Request, chat: 
                 text = "".join(parts)
                 finish = FINISH_REASON.get(ev.data["stop_reason"], "stop")
                 if chat:
-                    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                              "logprobs": None, "finish_reason": finish}
+                    message: dict[str, Any] = {"role": "assistant", "content": text}
+                    if channels is not None:
+                        parts = split_harmony_channels(text)
+                        message = {"role": "assistant", "content": parts["final"],
+                                   "reasoning_content": parts["analysis"] or None}
+                    choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
+                                              "finish_reason": finish}
                 else:
                     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
                 return JSONResponse({
