@@ -195,7 +195,7 @@ class GptOss(Architecture):
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         # Scales chosen so a tiny model is well conditioned: llama.cpp's CPU path rounds activations to 8 bits before
         # every Q8_0/MXFP4 product, and larger gains would turn that rounding into different routing and argmaxes.
-        tensors = [SynthTensor("token_embd.weight", (vocab, hidden), "token_embd")]
+        tensors = [SynthTensor("token_embd.weight", (vocab, hidden), "token_embd", std=0.5)]
         for i in range(layers):
             p = f"blk.{i}."
             tensors += [

@@ -86,19 +86,19 @@ class MixtureOfExperts(torch.nn.Module):
         flat = chosen.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.n_expert).tolist()  # the one host sync per layer
-        flat_weights = weights.reshape(-1)
-        out = torch.zeros_like(x, dtype=torch.float32)
+        # Each pair's expert output lands in its own row, then the k rows of a token are weighed and summed in slot
+        # order: no scatter-add, so the sum is deterministic on every device (and CPU index_add_ is slow).
+        outputs = x.new_empty(flat.numel(), shape[-1], dtype=torch.float32)
         start = 0
         for e, count in enumerate(counts):
             if not count:
                 continue
             pairs = order[start:start + count]
             start += count
-            tokens = pairs // self.top_k
-            xe = x.index_select(0, tokens)
+            xe = x.index_select(0, pairs // self.top_k)
             h = clamped_swiglu(self.gate[e](xe).float(), self.up[e](xe).float(), self.alpha, self.limit)
-            y = self.down[e](h.to(x.dtype)).float() * flat_weights.index_select(0, pairs).unsqueeze(-1)
-            out.index_add_(0, tokens, y)
+            outputs.index_copy_(0, pairs, self.down[e](h.to(x.dtype)).float())
+        out = (outputs.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
         return out.to(x.dtype).reshape(shape)
 
     def extra_repr(self) -> str:
