@@ -9,6 +9,7 @@ the reference path dequantizes a bounded tile of rows at a time; a format may in
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -109,7 +110,9 @@ class QuantizedTensor:
                 f"{n_rows * row_bytes} bytes",
                 tensor=name,
             )
-        host = torch.from_numpy(np.ascontiguousarray(buf).reshape(n_rows, row_bytes))
+        with warnings.catch_warnings():  # a read-only memory map: safe, the bytes are copied before any use
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            host = torch.from_numpy(np.ascontiguousarray(buf).reshape(n_rows, row_bytes))
         return cls(name, host.to(device, copy=True), fmt, shape)
 
     @property
