@@ -447,7 +447,9 @@ def test_health_fields(client: httpx.Client, server: LiveServer) -> None:
     h = client.get("/health").json()
     assert h["status"] == "healthy" and h["state"] == "idle" and h["accepting_jobs"] is True
     assert h["model"] == server.worker.config.model_id and h["quant_kind"] == "F32"
-    assert h["vram_bytes"] == server.worker.weights_bytes > 0  # CPU: the model's tensors
+    # CPU: the model's tensors and the KV cache (FP32: 2 (K, V) × 2 layers × 2 KV heads × 64 × 2048 positions × 4 B)
+    assert server.worker.kv_cache_bytes == 2 * 2 * 2 * 64 * 2048 * 4
+    assert h["vram_bytes"] == server.worker.weights_bytes + server.worker.kv_cache_bytes
     assert h["uptime_seconds"] > 0 and h["synthetic"] is True and h["device"] == "cpu"
     assert h["context_length"] == 2048
 
@@ -476,7 +478,7 @@ def test_metrics_fed_by_engine_hooks(long_client: httpx.Client, long_server: Liv
     assert delta("worker_time_to_first_token_seconds_count") == 1
     assert delta("worker_inter_token_latency_seconds_count") == 4
     assert delta("worker_prompt_tokens_total") > 0
-    assert after[("worker_vram_bytes", ())] == long_server.worker.weights_bytes
+    assert after[("worker_vram_bytes", ())] == long_server.worker.vram_bytes > long_server.worker.weights_bytes
     assert after[("worker_queue_length", ())] == 0
     assert after[("worker_uptime_seconds", ())] > 0
     assert ("worker_healthy", ()) in after

@@ -57,6 +57,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-prompts", action="store_true", help="include prompts in job logs (off by default)")
     p.set_defaults(run=run)
 
+    def one_line_error(message: str) -> None:  # argparse's default prints usage and exits 2
+        print(f"orcd serve: error: {message}", file=sys.stderr)
+        raise SystemExit(1)
+
+    p.error = one_line_error  # type: ignore[method-assign]
+
 
 class ArgumentProblem(Exception):
     """A bad argument: printed as one line, exit 1."""
@@ -65,15 +71,15 @@ class ArgumentProblem(Exception):
 def run(args: argparse.Namespace, plugins: Any = None) -> int:
     """Serve until shutdown; returns the exit code. ``plugins`` overrides the process-wide plugin manager
     (tests pass one with their own plugins registered)."""
+    from orcd.errors import OrcdError
     from orcd.server.logs import configure_logging
 
-    configure_logging(args.log_format, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     try:
         settings = check_arguments(args)
     except ArgumentProblem as e:
         print(f"orcd serve: error: {e}", file=sys.stderr)
         return 1
-    from orcd.errors import OrcdError
+    configure_logging(args.log_format, logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
 
     try:
         return serve(args, settings, plugins)

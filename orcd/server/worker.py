@@ -144,6 +144,8 @@ class Worker:
         self.last_residency_check: float | None = None
         self.residency = devmem.Residency.snapshot(loaded.module, device)
         self.weights_bytes = devmem.module_bytes(loaded.module)
+        cache = getattr(engine, "cache", None)
+        self.kv_cache_bytes = int(getattr(cache, "nbytes", 0) or 0)
         self.baseline_allocated = devmem.allocated_bytes(device)
         self.vram_bytes = self._measure_vram()
 
@@ -502,8 +504,10 @@ class Worker:
 
     # --- health --------------------------------------------------------------------------------------------------------
     def _measure_vram(self) -> float:
+        """CUDA: what PyTorch has allocated on the device (weights, KV cache, anything a job holds). CPU: the
+        model's tensors and the KV cache, which is what a GPU would hold at rest."""
         allocated = devmem.allocated_bytes(self.device)
-        return float(allocated if allocated is not None else self.weights_bytes)
+        return float(allocated if allocated is not None else self.weights_bytes + self.kv_cache_bytes)
 
     def _refresh_vram(self) -> None:
         self.vram_bytes = int(self._measure_vram())
