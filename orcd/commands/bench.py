@@ -13,3 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d = kinds.add_parser("dequant", help="dequantize throughput per block format (orcd torch vs gguf numpy)")
     dequant.add_arguments(d)
     d.set_defaults(run=dequant.run_args)
+
+    from orcd.bench import model
+
+    m = kinds.add_parser("model", help="prompt and decode throughput of a model file, beside llama.cpp")
+    model.add_arguments(m)
+    m.set_defaults(run=model.run_args)
