@@ -1,4 +1,8 @@
-"""The engine: KV cache, sequences, and the step that advances every active sequence by one token."""
+"""The engine: KV cache, sequences, and the step that advances every active sequence by one token.
+
+The models it drives follow the forward convention of ``orcd.nn.batch``: ``module(ForwardBatch, all_logits=False)``
+with per-token positions, one cache slot per sequence, and ``set_context_length(n_ctx)`` before the first forward.
+"""
 
 from orcd.engine.engine import (
     Engine,
