@@ -142,7 +142,9 @@ class Engine:
         if req.sampling.temperature > 0.0:
             seed = req.sampling.seed if req.sampling.seed is not None else random.randrange(2**63)
         stop_ids = req.stop_token_ids if req.stop_token_ids is not None else self.default_stop_ids
-        decoder = self.tokenizer.stream_decoder(skip_special=True) if self.tokenizer is not None else None
+        decoder = None
+        if self.tokenizer is not None:  # the generated text continues the prompt (no start-of-text space rule)
+            decoder = self.tokenizer.stream_decoder(skip_special=True, context=req.prompt_ids)
         seq = Sequence(req, seed, set(stop_ids), decoder)
         with self._lock:
             if any(s.request_id == req.request_id for s in (*self._waiting, *self._active)):
