@@ -5,15 +5,15 @@ MXFP4 experts and prompts longer than the 128-token sliding window.
 Tolerances, and why:
 
 * transformers: both sides compute in float32 from the same dequantized weights; only summation order differs.
-  Measured max |difference| 1.0e-5 on logits of standard deviation 4.9 → bound 1e-4.
-* llama.cpp, F32 file: llama.cpp in float32 too (KV cache asked for in F32). Measured 1.0e-5 → bound 1e-4.
+  Measured max |difference| 1.1e-5 on logits of standard deviation 4.8 → bound 1e-4.
+* llama.cpp, F32 file: llama.cpp in float32 too (KV cache asked for in F32). Measured 9.5e-6 → bound 1e-4.
 * llama.cpp, MXFP4 file: llama.cpp's CPU path rounds the activations to Q8_0 (8 bits per 32 values) before every
   product with a Q8_0 or MXFP4 weight, an error of about 0.3% per product that we do not make (emulating that
   rounding in our module reproduces llama.cpp's first positions to 1e-3). Measured: median over positions of the
-  largest difference 0.15, largest 0.54, on logits of standard deviation 4.9 → bounds 0.3 and 1.0; argmax equal
-  at 98.7% of positions (bound 97%).
+  largest difference 0.13, largest 0.75, on logits of standard deviation 4.8 → bounds 0.3 and 1.5; argmax equal
+  at 98% of positions (bound 95%).
 * greedy continuations: 32 tokens identical, for the F32 and the MXFP4 file; the smallest top-1/top-2 margin on
-  the MXFP4 path is 0.24, five times the rounding noise above.
+  the MXFP4 path is 0.27, several times the rounding noise above (the continuation cycles through 3 tokens).
 
 YaRN: llama.cpp rounds the correction range to whole pairs, transformers (and OpenAI's reference) do not; each
 comparison builds our module with the reference's choice (``rope_yarn_truncate``).
@@ -50,8 +50,8 @@ PROMPT_TEXT = (
 
 
 def _prompt_ids(vocab_size: int, n: int = PROMPT_TOKENS, seed: int = 1) -> list[int]:
-    """Random ordinary tokens (the last 16 ids of the tiny vocabulary are the harmony specials)."""
-    return torch.randint(0, vocab_size - 16, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    """Random ordinary tokens (the last 21 ids of the tiny vocabulary are the harmony specials)."""
+    return torch.randint(0, vocab_size - 21, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _build(path, plugins, truncate: bool):
@@ -151,7 +151,7 @@ def test_logits_match_llama_cpp_in_float32(synth_model, plugins) -> None:
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     # YaRN's range not rounded (transformers' choice) is visibly not what llama.cpp computes.
     exact, _ = _build(path, plugins, truncate=False)
-    assert (_all_logits(exact, ids) - expected).abs().max() > 2e-3  # measured 0.022
+    assert (_all_logits(exact, ids) - expected).abs().max() > 2e-3  # measured 0.024
 
 
 def test_logits_match_llama_cpp_with_mxfp4_experts(synth_model, plugins) -> None:
@@ -161,9 +161,9 @@ def test_logits_match_llama_cpp_with_mxfp4_experts(synth_model, plugins) -> None
     expected = _llama_logits(_llama(path), ids)
     got = _all_logits(ours, ids)
     per_position = (got - expected).abs().max(-1).values
-    assert per_position.median() < 0.3 and per_position.max() < 1.0, (
+    assert per_position.median() < 0.3 and per_position.max() < 1.5, (
         f"|ours - llama.cpp|: median {per_position.median():.3f}, max {per_position.max():.3f}")
-    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.97
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
 
 
 def _greedy_llama(llm, prompt: list[int], n: int) -> list[int]:

@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 ARCH = "gpt-oss"
 CHAT_TEMPLATE_KEY = "gpt-oss"  # the harmony template in orcd.testing's template table
 
-# The harmony format's special tokens (o200k_harmony), in vocabulary order after the byte-level BPE merges.
-HARMONY_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>",
-                  "<|end|>", "<|message|>", "<|call|>"]
-
 
 class GptOssConfig(ModelConfig):
     expert_count: int
@@ -223,6 +219,8 @@ class GptOss(Architecture):
             SynthTensor("output_norm.weight", (hidden,), "norm", std=0.1, mean=1.0),
             SynthTensor("output.weight", (vocab, hidden), "output", std=0.3),
         ]
+        from orcd.testing.vocab import HARMONY_SPECIAL_TOKENS, harmony_added_tokens
+
         return SynthSpec(
             metadata=metadata,
             tensors=tensors,
@@ -230,9 +228,10 @@ class GptOss(Architecture):
             tokenizer_pre="gpt-4o",
             vocab_size=vocab,
             chat_template=CHAT_TEMPLATE_KEY,
-            special_tokens={"bos": "<|startoftext|>", "eos": "<|return|>", "pad": "<|endoftext|>"},
-            extra_special_tokens=[tok for tok in HARMONY_TOKENS if tok not in
-                                  ("<|startoftext|>", "<|return|>", "<|endoftext|>")],
+            special_tokens=dict(HARMONY_SPECIAL_TOKENS),
+            # o200k_harmony's added tokens in id order: all 1,090 at their real ids for the real shape, the first 21
+            # (every named one: <|start|>, <|channel|>, <|message|>, <|end|>, <|return|>, <|call|>, ...) when tiny.
+            extra_special_tokens=harmony_added_tokens(full=vocab == 201088),
         )
 
 
