@@ -164,6 +164,9 @@ class Engine:
             return bool(self._waiting or self._active)
 
     def step(self) -> list[Event]:
+        """Apply cancellations, admit and prefill waiting requests, then one batched forward that advances every
+        active sequence by one token. A failed forward (``OrcdError``, e.g. ``VRAM_OOM``) ends the sequences in
+        it with that error and frees their slots; the engine keeps serving."""
         events: list[Event] = []
         self._apply_cancellations(events)
         self._admit(events)
