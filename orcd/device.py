@@ -213,7 +213,7 @@ class Residency:
     places: dict[str, tuple[str, int]]  # name → (device, data_ptr)
 
     @classmethod
-    def snapshot(cls, module: torch.nn.Module, device: torch.device) -> "Residency":
+    def snapshot(cls, module: torch.nn.Module, device: torch.device) -> Residency:
         return cls(device, {name: (str(t.device), t.data_ptr()) for name, t in iter_tensors(module)})
 
     def check(self, module: torch.nn.Module) -> list[str]:

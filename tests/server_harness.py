@@ -11,9 +11,9 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import uvicorn
@@ -67,11 +67,11 @@ class LiveServer:
     """A worker and its app served by uvicorn on 127.0.0.1:<free port> from a background thread."""
 
     def __init__(self, model_path: Path, plugins: Any, api_key: str | None = None, max_body_bytes: int | None = None,
-                 **config: Any) -> None:
-        self.loaded = load_model(model_path, device="cpu", plugins=plugins)
+                 device: str = "cpu", **config: Any) -> None:
+        self.loaded = load_model(model_path, device=device, plugins=plugins)
         cfg = WorkerConfig(worker_id=config.pop("worker_id", "00000000-0000-4000-8000-000000000000"),
                            model_id=model_path.name.removesuffix(".gguf"), synthetic=True, **config)
-        self.worker = Worker.create(self.loaded, plugins, torch.device("cpu"), cfg)
+        self.worker = Worker.create(self.loaded, plugins, torch.device(device), cfg)
         self.worker.start()
         kwargs: dict[str, Any] = {"api_key": api_key}
         if max_body_bytes is not None:
@@ -121,3 +121,27 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: fl
             return True
         time.sleep(interval)
     return predicate()
+
+
+def write_huge_context_model(path: Path, context_length: int = 1 << 27) -> Path:
+    """A tiny Qwen2 file that claims a context of ``context_length`` tokens: its full-context KV cache (256 GiB in
+    FP32, 128 GiB in FP16 at 2^27) fits no machine here, so serving it must be refused before loading."""
+    from conftest import make_plugin_manager
+    from orcd_llama_adapter.qwen2 import Qwen2
+
+    from orcd.testing.synth import synthesize
+
+    class HugeContextQwen2(Qwen2):
+        def synth_spec(self, preset: str):
+            spec = super().synth_spec(preset)
+            spec.metadata["qwen2.context_length"] = context_length
+            return spec
+
+    class Plugin:
+        @orcd.hookimpl
+        def register_architectures(self, register) -> None:
+            register(HugeContextQwen2())
+
+    writer = make_plugin_manager("quant_formats")
+    writer.register(Plugin(), name="huge_context")
+    return synthesize(path, "qwen2", "tiny", "F32", plugins=writer)

@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from conftest import make_plugin_manager
 from server_harness import LiveServer
 

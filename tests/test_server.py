@@ -15,11 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import make_plugin_manager
-from orcd.loader import load_model
+from prometheus_client.parser import text_string_to_metric_families
 from server_harness import LiveServer, NoEndOfGenerationPlugin, parse_sse, wait_until
+
+from orcd.loader import load_model
 
 API_KEY = "test-key-1234"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -368,7 +368,7 @@ def test_queue_full_then_every_accepted_job_runs(long_client: httpx.Client, long
             c3.post("/cancel", json={"job_id": first["job_id"]})
             assert list(ev1)[-1][1]["code"] == "CANCELLED"
             rest = list(ev2)  # the queued job was not dropped: it runs once the first is gone
-            assert [k for k, _ in rest][0] == "started" and rest[-1][0] == "end"
+            assert rest[0][0] == "started" and rest[-1][0] == "end"
             cm1.__exit__(None, None, None)
             cm2.__exit__(None, None, None)
     finally:

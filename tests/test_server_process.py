@@ -25,11 +25,11 @@ from typing import Any
 
 import httpx
 import pytest
-
 from conftest import make_plugin_manager
+from server_harness import parse_sse, write_huge_context_model
+
 from orcd.cli import build_parser
 from orcd.commands import serve
-from server_harness import parse_sse
 
 TESTS_DIR = Path(__file__).parent
 
@@ -151,7 +151,7 @@ def test_sigterm_finishes_the_running_job_and_exits_0(tmp_path: Path, processes:
 class _Callback(BaseHTTPRequestHandler):
     received: queue.Queue = queue.Queue()
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.received.put((self.path, self.headers["Content-Type"], json.loads(body)))
         self.send_response(204)
@@ -265,25 +265,7 @@ def test_argument_errors_are_one_line_and_exit_1(tmp_path: Path, synth_model, ca
 def test_model_that_does_not_fit_exits_1_naming_sizes(tmp_path: Path, capsys, restore_logging) -> None:
     """A Qwen2 file whose context is 2^27 tokens: its KV cache alone (256 GiB in FP32) is more than this machine
     has, so the worker refuses before loading, naming required and available bytes, device and path."""
-    from orcd.testing.synth import synthesize
-    from orcd_llama_adapter.qwen2 import Qwen2
-
-    import orcd
-
-    class HugeContextQwen2(Qwen2):
-        def synth_spec(self, preset: str):
-            spec = super().synth_spec(preset)
-            spec.metadata["qwen2.context_length"] = 1 << 27
-            return spec
-
-    class Plugin:
-        @orcd.hookimpl
-        def register_architectures(self, register) -> None:
-            register(HugeContextQwen2())
-
-    writer = make_plugin_manager("quant_formats")
-    writer.register(Plugin(), name="huge_context")
-    path = synthesize(tmp_path / "huge-context.gguf", "qwen2", "tiny", "F32", plugins=writer)
+    path = write_huge_context_model(tmp_path / "huge-context.gguf")
 
     code = run_serve(["--model", str(path), "--device", "cpu", "--port", "0"],
                      plugins=make_plugin_manager("quant_formats", "llama_adapter"))

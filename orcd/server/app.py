@@ -34,7 +34,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from orcd import __version__
 from orcd.errors import InvalidRequest, OrcdError
 from orcd.server.schemas import CancelRequest, ExecuteRequest
-from orcd.server.worker import TERMINAL, DuplicateJob, Event, Job, NotAccepting, QueueFull, Worker
+from orcd.server.worker import (
+    TERMINAL,
+    DuplicateJob,
+    Event,
+    Job,
+    NotAccepting,
+    QueueFull,
+    Worker,
+)
 
 log = logging.getLogger("orcd.server")
 
@@ -159,7 +167,7 @@ async def job_events(job: Job, keepalive_s: float = KEEPALIVE_S) -> AsyncIterato
     while True:
         try:
             ev = await asyncio.wait_for(job.events.get(), timeout=keepalive_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             yield None
             continue
         yield ev

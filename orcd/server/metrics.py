@@ -10,9 +10,15 @@ queued, refused because the queue was full) and knows why a job was cut short.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from orcd.hookspecs import hookimpl

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 UINT64_MAX = 2**64 - 1
 MAX_TOKENS_LIMIT = 2048  # the worker API's ceiling on max_tokens
@@ -145,7 +153,7 @@ class _OpenAIBase(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> "_OpenAIBase":
+    def _stream_options_need_stream(self) -> _OpenAIBase:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self

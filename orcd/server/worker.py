@@ -21,8 +21,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import torch
 
@@ -159,7 +159,7 @@ class Worker:
         plugins.register(self.metrics.plugin, name=self._metrics_plugin_name)
 
     @classmethod
-    def create(cls, loaded: Any, plugins: Any, device: torch.device, config: WorkerConfig) -> "Worker":
+    def create(cls, loaded: Any, plugins: Any, device: torch.device, config: WorkerConfig) -> Worker:
         from orcd.engine import Engine
 
         engine = Engine(loaded, plugins, max_batch=config.max_batch, n_ctx=config.n_ctx)
@@ -374,7 +374,7 @@ class Worker:
                 # also step when only cancelled sequences are left in the engine: the step releases their cache
                 if self._running or self.engine.has_work():
                     self._step()
-        except BaseException as exc:  # noqa: BLE001 - the thread must not die silently
+        except BaseException as exc:
             log.exception("the engine thread failed")
             self._mark_unhealthy(f"the engine thread failed: {type(exc).__name__}: {exc}")
             with self._cond:
@@ -392,7 +392,7 @@ class Worker:
         job.post("started", {
             "job_id": job.job_id,
             "model": self.config.model_id,
-            "started_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "started_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         })
         request = GenerationRequest(
             request_id=job.job_id,
@@ -474,7 +474,7 @@ class Worker:
     def _drop(self, job: Job) -> None:
         try:
             self.engine.cancel(job.job_id)
-        except Exception:  # noqa: BLE001 - the job is ending anyway; its cache is released below if need be
+        except Exception:
             log.exception("engine.cancel(%r) failed", job.job_id)
         with self._cond:
             self._running.pop(job.job_id, None)
@@ -534,7 +534,7 @@ class Worker:
         while not self._residency_stop.wait(self.config.residency_interval_s):
             try:
                 self.check_residency()
-            except Exception:  # noqa: BLE001 - a checker bug must not take the worker down
+            except Exception:
                 log.exception("residency check failed")
 
     def health(self) -> dict[str, Any]:
