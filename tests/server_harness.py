@@ -56,6 +56,27 @@ class NoEndOfGenerationPlugin:
         register(self.factory)
 
 
+class ExplodingSampler(SamplerFactory):
+    """Raises inside the engine's step for requests with ``top_k == 13``: a bug in a third-party sampler."""
+
+    name, order = "test_exploding", 6
+
+    def create(self, params: SamplingParams):
+        if params.top_k != 13:
+            return None
+
+        def apply(logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("sampler exploded")
+
+        return apply
+
+
+class ExplodingSamplerPlugin:
+    @orcd.hookimpl
+    def register_samplers(self, register: Callable[[SamplerFactory], None]) -> None:
+        register(ExplodingSampler())
+
+
 def free_socket(host: str = "127.0.0.1") -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY: see serve.py
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

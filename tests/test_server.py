@@ -17,7 +17,7 @@ import httpx
 import pytest
 from conftest import make_plugin_manager
 from prometheus_client.parser import text_string_to_metric_families
-from server_harness import LiveServer, NoEndOfGenerationPlugin, parse_sse, wait_until
+from server_harness import ExplodingSamplerPlugin, LiveServer, NoEndOfGenerationPlugin, parse_sse, wait_until
 
 from orcd.loader import load_model
 
@@ -44,6 +44,7 @@ def long_server(model_path: Path):
     plugins = make_plugin_manager("quant_formats", "llama_adapter")
     tokenizer = load_model(model_path, plugins=plugins).tokenizer
     plugins.register(NoEndOfGenerationPlugin(tokenizer.eog_ids), name="test_no_eog")
+    plugins.register(ExplodingSamplerPlugin(), name="test_exploding")
     live = LiveServer(model_path, plugins, max_queue=4)
     yield live
     live.stop()
@@ -415,6 +416,16 @@ def test_duplicate_job_id_refused(long_client: httpx.Client, long_server: LiveSe
         list(events)
     finally:
         cm.__exit__(None, None, None)
+
+
+def test_failure_inside_the_engine_ends_only_that_job(long_client: httpx.Client, long_server: LiveServer) -> None:
+    events = execute(long_client, job(max_tokens=8, top_k=13))  # the test sampler raises for top_k 13
+    assert events[0][0] == "started"
+    assert events[-1] == ("error", {"code": "INTERNAL", "retriable": False,
+                                    "message": "the decode step failed: RuntimeError: sampler exploded"})
+    assert long_server.worker.healthy
+    assert wait_until(lambda: not long_server.worker.engine.has_work())  # its cache slot was released
+    assert execute(long_client, job(max_tokens=3))[-1][0] == "end"
 
 
 # --- health and metrics ------------------------------------------------------------------------------------------

@@ -292,3 +292,16 @@ def test_default_model_is_written_once(tmp_path: Path, monkeypatch) -> None:
 
     model, _ = open_checked(path, plugins)
     assert model.architecture == "qwen2" and serve.looks_synthetic(model)
+
+
+def test_load_progress_draws_a_bar_on_a_terminal(capsys, caplog: pytest.LogCaptureFixture) -> None:
+    progress = serve.LoadProgress(bar=True)
+    with caplog.at_level("INFO", logger="orcd.serve"):
+        for percent, message in [(0, "opening"), (25, "checked"), (50, "tokenizer"), (75, "weights"), (100, "ready")]:
+            progress(percent, message)
+    err = capsys.readouterr().err
+    frames = err.split("\r")[1:]
+    assert len(frames) == 5 and frames[0].startswith("[" + "." * 30 + "]   0% opening")
+    assert frames[2].startswith("[" + "#" * 15 + "." * 15 + "]  50% tokenizer")
+    assert frames[4].startswith("[" + "#" * 30 + "] 100% ready") and err.endswith("\n")
+    assert [r.progress_percent for r in caplog.records] == [0, 25, 50, 75, 100]

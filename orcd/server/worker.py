@@ -341,7 +341,8 @@ class Worker:
         try:
             while True:
                 with self._cond:
-                    while not (self._queue or self._running or self._stop):
+                    # (the engine may still hold sequences this worker already ended: step until it lets go)
+                    while not (self._queue or self._running or self._stop or self.engine.has_work()):
                         self._cond.wait()
                     if self._stop and not self._running:
                         for job in list(self._queue):
