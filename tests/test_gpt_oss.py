@@ -73,9 +73,9 @@ def test_module_keeps_experts_mxfp4_and_alternates_the_window(synth_model, plugi
         assert attn.sliding_window == (128 if i % 2 == 0 else None)
         assert attn.sinks is not None and attn.sinks.shape == (4,)
         assert attn.qkv.q.bias is not None and attn.output.bias is not None
-        assert isinstance(moe, MixtureOfExperts) and moe.top_k == 4 and len(moe.gate) == 8
+        assert isinstance(moe, MixtureOfExperts) and moe.top_k == 4 and moe.gate.n_expert == 8
         # Each expert is a view into the one MXFP4 tensor of its layer: no dense or duplicated expert weights.
-        first, last = moe.down[0].weight, moe.down[7].weight
+        first, last = moe.down.experts[0].weight, moe.down.experts[7].weight
         assert first.fmt.name == "MXFP4" and first.shape == (256, 128) and first.data.dtype == torch.uint8
         assert last.data.untyped_storage().data_ptr() == first.data.untyped_storage().data_ptr()
         assert first.data.untyped_storage().nbytes() == model.tensor(f"blk.{i}.ffn_down_exps.weight").n_bytes
@@ -88,10 +88,25 @@ def test_only_chosen_experts_run(synth_model, plugins) -> None:
     chosen, weights = moe.route(x)
     assert chosen.shape == (3, 4) and torch.allclose(weights.sum(-1), torch.ones(3))
     calls: list[int] = []
-    for e, proj in enumerate(moe.gate):
+    for e, proj in enumerate(moe.gate.experts):
         proj.register_forward_hook(lambda mod, inp, out, e=e: calls.append(e))
-    moe(x)
+    moe(x)  # 12 (token, expert) pairs, more than the 8 experts: the grouped path
     assert sorted(calls) == sorted(set(chosen.reshape(-1).tolist()))  # each chosen expert once, no other
+
+
+def test_decode_path_equals_prefill_path(synth_model, plugins) -> None:
+    """One token (4 pairs, fewer than the 8 experts) takes the gathered path; the same token among 20 others the
+    grouped one. Both decode the same MXFP4 blocks in float32: they agree to rounding."""
+    model, config = open_checked(synth_model("gpt-oss", "MXFP4"), plugins)
+    moe = GptOss().build(model, config, torch.device("cpu"), plugins).blocks[1].mlp
+    x = torch.randn(21, 256, generator=torch.Generator().manual_seed(1))
+    calls: list[int] = []
+    for proj in moe.gate.experts:
+        proj.register_forward_hook(lambda mod, inp, out: calls.append(1))
+    alone = torch.cat([moe(x[i:i + 1]) for i in range(21)])
+    assert not calls  # no per-expert projection ran: one gather per projection
+    torch.testing.assert_close(alone, moe(x), rtol=1e-5, atol=1e-5)
+    assert calls
 
 
 def test_yarn_frequencies_match_transformers() -> None:

@@ -19,7 +19,7 @@ from orcd.errors import ModelFileError
 from orcd.nn import (DecoderBlock, DecoderLM, QuantizedEmbedding, RMSNorm, RopeScaling, RotaryEmbedding, SelfAttention,
                      SeparateQKV)
 from orcd.quant import QuantizedLinear
-from orcd_gpt_adapter.moe import SWIGLU_ALPHA, SWIGLU_LIMIT, MixtureOfExperts, expert_views
+from orcd_gpt_adapter.moe import SWIGLU_ALPHA, SWIGLU_LIMIT, ExpertProjection, MixtureOfExperts
 from orcd_gpt_adapter.yarn import yarn_rotary
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ class GptOss(Architecture):
                          ("down", (n_expert, hidden, ffn))):
             weight = t.quantized(p + f"ffn_{x}_exps.weight")
             _check_shape(weight.name, weight.shape, shape)
-            experts[x] = expert_views(weight, t.dense(p + f"ffn_{x}_exps.bias"))
+            experts[x] = ExpertProjection(weight, t.dense(p + f"ffn_{x}_exps.bias"))
         return MixtureOfExperts(router, t.dense(p + "ffn_gate_inp.bias"), experts["gate"], experts["up"],
                                 experts["down"], config.expert_used_count, config.swiglu_alpha,
                                 config.swiglu_limit)

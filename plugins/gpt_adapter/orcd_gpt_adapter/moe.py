@@ -2,9 +2,11 @@
 over the k selected logits weighs them, and each expert is a clamped SwiGLU with biases.
 
 Expert weights stay in their ggml encoding (MXFP4 in real files) as one 3-D ``QuantizedTensor``
-``(n_expert, rows, cols)``; each expert is a 2-D view of its rows, multiplied through ``QuantizedLinear`` so a
-format's fused kernel (``QuantFormat.linear``) serves experts too. Only the experts some token selected run, each
-once over the tokens that chose it.
+``(n_expert, rows, cols)`` per projection. Only the experts some token chose are decoded. A prefill groups the
+(token, slot) pairs by expert and runs each chosen expert once over its tokens, through ``QuantizedLinear`` on a view
+of the expert's rows (so a format's fused kernel, ``QuantFormat.linear``, serves experts too). A decode step has
+fewer pairs than experts: it gathers the chosen experts' blocks, decodes them in one call and multiplies in one
+batched matmul, with no per-expert Python loop and no host sync.
 """
 
 from __future__ import annotations
@@ -27,20 +29,38 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float = SWIGLU_A
     return gate * torch.sigmoid(alpha * gate) * (up + 1.0)
 
 
-def expert_views(weight: QuantizedTensor, bias: torch.Tensor | None) -> list[QuantizedLinear]:
-    """One ``QuantizedLinear`` per expert over the rows of a 3-D ``(n_expert, rows, cols)`` tensor (no copies)."""
-    if len(weight.shape) != 3:
-        raise ModelFileError(f"tensor {weight.name!r}: expert weights must be 3-D (experts, rows, columns), "
-                             f"got shape {weight.shape}", tensor=weight.name)
-    n_expert, rows, cols = weight.shape
-    if bias is not None and tuple(bias.shape) != (n_expert, rows):
-        raise ModelFileError(f"tensor {weight.name!r}: its bias has shape {tuple(bias.shape)}, expected "
-                             f"{(n_expert, rows)}", tensor=weight.name)
-    experts = []
-    for e in range(n_expert):
-        view = QuantizedTensor(f"{weight.name}[{e}]", weight.data[e * rows:(e + 1) * rows], weight.fmt, (rows, cols))
-        experts.append(QuantizedLinear(view, None if bias is None else bias[e]))
-    return experts
+# Below this many dequantized values (256 MiB of float32) the chosen experts of a small batch are decoded in one
+# gather and multiplied in one batched matmul: no per-expert loop and no host sync, which is what decode needs.
+GATHER_MAX_ELEMENTS = 64 * 1024 * 1024
+
+
+class ExpertProjection:
+    """One projection of every expert: a 3-D ``QuantizedTensor`` ``(n_expert, rows, cols)`` and its ``(n_expert,
+    rows)`` bias. ``experts[e]`` is expert ``e`` as a ``QuantizedLinear`` over a view of its rows (no copy)."""
+
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None) -> None:
+        if len(weight.shape) != 3:
+            raise ModelFileError(f"tensor {weight.name!r}: expert weights must be 3-D (experts, rows, columns), "
+                                 f"got shape {weight.shape}", tensor=weight.name)
+        self.n_expert, self.rows, self.cols = weight.shape
+        if bias is not None and tuple(bias.shape) != (self.n_expert, self.rows):
+            raise ModelFileError(f"tensor {weight.name!r}: its bias has shape {tuple(bias.shape)}, expected "
+                                 f"{(self.n_expert, self.rows)}", tensor=weight.name)
+        self.weight, self.bias = weight, bias
+        rows = self.rows
+        self.experts = [
+            QuantizedLinear(QuantizedTensor(f"{weight.name}[{e}]", weight.data[e * rows:(e + 1) * rows], weight.fmt,
+                                            (rows, self.cols)), None if bias is None else bias[e])
+            for e in range(self.n_expert)
+        ]
+
+    def gathered(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Row ``p`` of ``x (P, cols)`` through expert ``ids[p]``: ``(P, rows)``, decoding only those experts."""
+        fmt = self.weight.fmt
+        blocks = self.weight.data.view(self.n_expert, self.rows, -1).index_select(0, ids)
+        w = fmt.dequantize(blocks.reshape(-1, fmt.type_size)).view(ids.numel(), self.rows, self.cols).to(x.dtype)
+        y = torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)
+        return y if self.bias is None else y + self.bias.index_select(0, ids).to(y.dtype)
 
 
 class MixtureOfExperts(torch.nn.Module):
@@ -50,27 +70,27 @@ class MixtureOfExperts(torch.nn.Module):
         self,
         router_weight: torch.Tensor,
         router_bias: torch.Tensor | None,
-        gate: list[QuantizedLinear],
-        up: list[QuantizedLinear],
-        down: list[QuantizedLinear],
+        gate: ExpertProjection,
+        up: ExpertProjection,
+        down: ExpertProjection,
         top_k: int,
         alpha: float = SWIGLU_ALPHA,
         limit: float = SWIGLU_LIMIT,
     ) -> None:
         super().__init__()
         n_expert = router_weight.shape[0]
-        if not (len(gate) == len(up) == len(down) == n_expert):
-            raise ValueError(f"the router scores {n_expert} experts but there are {len(gate)} gate, {len(up)} up "
-                             f"and {len(down)} down projections")
+        if not (gate.n_expert == up.n_expert == down.n_expert == n_expert):
+            raise ValueError(f"the router scores {n_expert} experts but the gate, up and down tensors hold "
+                             f"{gate.n_expert}, {up.n_expert} and {down.n_expert}")
         if not 0 < top_k <= n_expert:
             raise ValueError(f"cannot use {top_k} of {n_expert} experts per token")
         self.router_weight = torch.nn.Parameter(router_weight.float(), requires_grad=False)
         self.router_bias = None if router_bias is None else torch.nn.Parameter(router_bias.float(),
                                                                                requires_grad=False)
-        # Plain lists: the experts are views of three shared tensors, not separately owned parameters.
         self.gate, self.up, self.down = gate, up, down
         self.n_expert, self.top_k = n_expert, top_k
         self.alpha, self.limit = alpha, limit
+        self.gather_max_pairs = GATHER_MAX_ELEMENTS // max(p.rows * p.cols for p in (gate, up, down))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen experts ``(N, top_k)`` and their weights ``(N, top_k)`` for tokens ``x (N, hidden)``."""
@@ -82,13 +102,30 @@ class MixtureOfExperts(torch.nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         chosen, weights = self.route(x)
-        # Group the (token, slot) pairs by expert: one sort, then one contiguous run per expert.
-        flat = chosen.reshape(-1)
+        flat = chosen.reshape(-1)  # pair p is token p // top_k through expert flat[p]
+        if flat.numel() <= min(self.n_expert, self.gather_max_pairs):
+            outputs = self._pairs_gathered(x, flat)
+        else:
+            outputs = self._pairs_grouped(x, flat)
+        # The k rows of a token are weighed and summed in slot order: no scatter-add, so the result is deterministic
+        # on every device.
+        out = (outputs.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
+        return out.to(x.dtype).reshape(shape)
+
+    def _expert_mlp(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return clamped_swiglu(gate.float(), up.float(), self.alpha, self.limit)
+
+    def _pairs_gathered(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Few pairs (decode): every pair's expert decoded at once, one batched matmul per projection."""
+        xp = x.repeat_interleave(self.top_k, dim=0)
+        h = self._expert_mlp(self.gate.gathered(xp, flat), self.up.gathered(xp, flat))
+        return self.down.gathered(h.to(x.dtype), flat).float()
+
+    def _pairs_grouped(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Many pairs (prefill): sorted by expert, each expert decoded once and run over all its tokens."""
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.n_expert).tolist()  # the one host sync per layer
-        # Each pair's expert output lands in its own row, then the k rows of a token are weighed and summed in slot
-        # order: no scatter-add, so the sum is deterministic on every device (and CPU index_add_ is slow).
-        outputs = x.new_empty(flat.numel(), shape[-1], dtype=torch.float32)
+        counts = torch.bincount(flat, minlength=self.n_expert).tolist()  # the one host sync of this path
+        outputs = x.new_empty(flat.numel(), x.shape[-1], dtype=torch.float32)
         start = 0
         for e, count in enumerate(counts):
             if not count:
@@ -96,11 +133,10 @@ class MixtureOfExperts(torch.nn.Module):
             pairs = order[start:start + count]
             start += count
             xe = x.index_select(0, pairs // self.top_k)
-            h = clamped_swiglu(self.gate[e](xe).float(), self.up[e](xe).float(), self.alpha, self.limit)
-            outputs.index_copy_(0, pairs, self.down[e](h.to(x.dtype)).float())
-        out = (outputs.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
-        return out.to(x.dtype).reshape(shape)
+            h = self._expert_mlp(self.gate.experts[e](xe), self.up.experts[e](xe))
+            outputs.index_copy_(0, pairs, self.down.experts[e](h.to(x.dtype)).float())
+        return outputs
 
     def extra_repr(self) -> str:
-        w = self.gate[0].weight
-        return f"experts={self.n_expert}, top_k={self.top_k}, {w.fmt.name} {w.shape[1]} -> {w.shape[0]}"
+        g = self.gate
+        return f"experts={self.n_expert}, top_k={self.top_k}, {g.weight.fmt.name} {g.cols} -> {g.rows}"
