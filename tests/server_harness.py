@@ -77,6 +77,12 @@ class ExplodingSamplerPlugin:
         register(ExplodingSampler())
 
 
+def end_of_generation_ids(tokenizer: Any) -> set[int]:
+    """The ids that end generation by default (EOS, end of turn, ...)."""
+    ids = getattr(tokenizer, "eog_ids", None)
+    return set(ids if ids is not None else tokenizer.eot_ids)
+
+
 def free_socket(host: str = "127.0.0.1") -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY: see serve.py
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

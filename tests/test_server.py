@@ -17,7 +17,14 @@ import httpx
 import pytest
 from conftest import make_plugin_manager
 from prometheus_client.parser import text_string_to_metric_families
-from server_harness import ExplodingSamplerPlugin, LiveServer, NoEndOfGenerationPlugin, parse_sse, wait_until
+from server_harness import (
+    ExplodingSamplerPlugin,
+    LiveServer,
+    NoEndOfGenerationPlugin,
+    end_of_generation_ids,
+    parse_sse,
+    wait_until,
+)
 
 from orcd.loader import load_model
 
@@ -43,7 +50,7 @@ def server(model_path: Path):
 def long_server(model_path: Path):
     plugins = make_plugin_manager("quant_formats", "llama_adapter")
     tokenizer = load_model(model_path, plugins=plugins).tokenizer
-    plugins.register(NoEndOfGenerationPlugin(tokenizer.eog_ids), name="test_no_eog")
+    plugins.register(NoEndOfGenerationPlugin(end_of_generation_ids(tokenizer)), name="test_no_eog")
     plugins.register(ExplodingSamplerPlugin(), name="test_exploding")
     live = LiveServer(model_path, plugins, max_queue=4)
     yield live
@@ -501,7 +508,7 @@ def test_metrics_fed_by_engine_hooks(long_client: httpx.Client, long_server: Liv
 def test_shutdown_endpoint_drains(model_path: Path) -> None:
     plugins = make_plugin_manager("quant_formats", "llama_adapter")
     tokenizer = load_model(model_path, plugins=plugins).tokenizer
-    plugins.register(NoEndOfGenerationPlugin(tokenizer.eog_ids), name="test_no_eog")
+    plugins.register(NoEndOfGenerationPlugin(end_of_generation_ids(tokenizer)), name="test_no_eog")
     live = LiveServer(model_path, plugins)
     try:
         with httpx.Client(base_url=live.url, timeout=30) as c:

@@ -47,10 +47,11 @@ args = build_parser().parse_args(sys.argv[1:])
 if os.environ.get("TEST_NO_EOG"):
     from orcd.loader import load_tokenizer
     from orcd.modelfile import ModelFile
-    from server_harness import NoEndOfGenerationPlugin
+    from server_harness import NoEndOfGenerationPlugin, end_of_generation_ids
 
     path = args.model or str(serve.default_model(plugins)[0])
-    plugins.register(NoEndOfGenerationPlugin(load_tokenizer(ModelFile.open(path)).eog_ids), name="test_no_eog")
+    eog = end_of_generation_ids(load_tokenizer(ModelFile.open(path)))
+    plugins.register(NoEndOfGenerationPlugin(eog), name="test_no_eog")
 sys.exit(serve.run(args, plugins=plugins))
 """
 
