@@ -62,7 +62,7 @@ def test_completion(oai: openai.OpenAI, live: LiveServer, model_id: str) -> None
 
 
 def test_completion_stream_matches_non_stream(oai: openai.OpenAI, model_id: str) -> None:
-    args = dict(model=model_id, prompt="Once upon a time", max_tokens=20, temperature=0.9, seed=11)
+    args = {"model": model_id, "prompt": "Once upon a time", "max_tokens": 20, "temperature": 0.9, "seed": 11}
     whole = oai.completions.create(**args)
     chunks = list(oai.completions.create(**args, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -119,7 +119,7 @@ def test_chat(oai: openai.OpenAI, live: LiveServer, model_id: str) -> None:
 
 
 def test_chat_stream(oai: openai.OpenAI, model_id: str) -> None:
-    args = dict(model=model_id, messages=MESSAGES, max_completion_tokens=16, temperature=0.7, seed=9)
+    args = {"model": model_id, "messages": MESSAGES, "max_completion_tokens": 16, "temperature": 0.7, "seed": 9}
     whole = oai.chat.completions.create(**args)
     chunks = list(oai.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].object == "chat.completion.chunk"
@@ -213,3 +213,27 @@ def test_harmony_channels_split_while_streaming() -> None:
     expected = split_harmony_channels(whole)
     assert reasoning == expected["analysis"] == "The user greets; answer briefly."
     assert content == expected["final"] == "Hello! How can I help?"
+
+
+def test_gpt_oss_is_served(synth_model) -> None:
+    """GPT-OSS (MoE, MXFP4) through the same server: its chat template speaks harmony, so chat answers go through
+    the channel split; random weights write no markup, so all of it is the final channel."""
+    from orcd.server.openai_api import speaks_harmony
+
+    path = synth_model("gpt-oss", "MXFP4")
+    live = LiveServer(path, make_plugin_manager())
+    try:
+        assert speaks_harmony(live.worker)
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        args = {"model": "gpt-oss", "messages": MESSAGES, "max_tokens": 12, "temperature": 0.7, "seed": 4}
+        whole = client.chat.completions.create(**args)
+        streamed = list(client.chat.completions.create(**args, stream=True))
+        content = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert whole.usage.completion_tokens == 12 or whole.choices[0].finish_reason == "stop"
+        assert content == whole.choices[0].message.content
+        with httpx.stream("POST", f"{live.url}/execute", json={"job_id": "g", "prompt": "Hello", "max_tokens": 6},
+                          timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("event:")]
+        assert lines[0] == "event: started" and lines[-1] == "event: end"
+    finally:
+        live.stop()
