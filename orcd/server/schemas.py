@@ -50,7 +50,7 @@ class ExecuteRequest(_Strict):
     @classmethod
     def _no_bool(cls, v: Any) -> Any:
         if isinstance(v, bool):
-            raise ValueError("must be a number, not a boolean")
+            raise ValueError("must be a number, not a boolean")  # noqa: TRY004 - pydantic reports ValueError only
         return v
 
 

@@ -147,7 +147,7 @@ class Worker:
         cache = getattr(engine, "cache", None)
         self.kv_cache_bytes = int(getattr(cache, "nbytes", 0) or 0)
         self.baseline_allocated = devmem.allocated_bytes(device)
-        self.vram_bytes = self._measure_vram()
+        self.vram_bytes = int(self._measure_vram())
 
         self.metrics = ServerMetrics(
             vram_bytes=self._measure_vram,
