@@ -81,6 +81,18 @@ def test_module_keeps_experts_mxfp4_and_alternates_the_window(synth_model, plugi
         assert first.data.untyped_storage().nbytes() == model.tensor(f"blk.{i}.ffn_down_exps.weight").n_bytes
 
 
+def test_module_holds_the_file_s_bytes_once(synth_model, plugins) -> None:
+    """Everything stays as stored: the module's tensors add up to the file's tensor data (plus the rotary tables),
+    so on a GPU the resident weights are the file size, not a dequantized multiple of it."""
+    from orcd.device import iter_tensors, module_bytes
+
+    model, config = open_checked(synth_model("gpt-oss", "MXFP4"), plugins)
+    module = GptOss().build(model, config, torch.device("cpu"), plugins)
+    file_bytes = sum(t.n_bytes for t in model.tensors.values())
+    rotary = sum(t.numel() * t.element_size() for name, t in iter_tensors(module) if name.endswith("inv_freq"))
+    assert module_bytes(module) == file_bytes + rotary and rotary <= 1024
+
+
 def test_only_chosen_experts_run(synth_model, plugins) -> None:
     model, config = open_checked(synth_model("gpt-oss", "MXFP4"), plugins)
     moe = GptOss().build(model, config, torch.device("cpu"), plugins).blocks[0].mlp

@@ -113,6 +113,7 @@ def test_tool_call_ends_on_call(harmony_engine) -> None:
                                        "arguments": '{"city": "Paris"}'}]
 
 
+@pytest.mark.reference
 def test_end_of_generation_tokens_are_llama_cpp_s(harmony_engine) -> None:
     llama_cpp = require_reference("llama_cpp")
     engine, loaded = harmony_engine

@@ -36,6 +36,7 @@ from orcd.sampling import SamplingParams
 
 from conftest import require_reference
 
+pytestmark = pytest.mark.reference
 PROMPT_TOKENS = 300  # > 2 x the 128-token window: sliding layers see a different key set than full ones
 # Prose for the generation tests: about 200 tokens in the tiny vocabulary.
 PROMPT_TEXT = (

@@ -34,11 +34,14 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float = SWIGLU_A
 GATHER_MAX_ELEMENTS = 64 * 1024 * 1024
 
 
-class ExpertProjection:
+class ExpertProjection(torch.nn.Module):
     """One projection of every expert: a 3-D ``QuantizedTensor`` ``(n_expert, rows, cols)`` and its ``(n_expert,
-    rows)`` bias. ``experts[e]`` is expert ``e`` as a ``QuantizedLinear`` over a view of its rows (no copy)."""
+    rows)`` bias. ``experts[e]`` is expert ``e`` as a ``QuantizedLinear`` over a view of its rows (no copy); the
+    views sit in a plain list, so walking the module's tensors (``orcd.device.iter_tensors``) counts each byte
+    once."""
 
     def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
         if len(weight.shape) != 3:
             raise ModelFileError(f"tensor {weight.name!r}: expert weights must be 3-D (experts, rows, columns), "
                                  f"got shape {weight.shape}", tensor=weight.name)
@@ -53,6 +56,9 @@ class ExpertProjection:
                                             (rows, self.cols)), None if bias is None else bias[e])
             for e in range(self.n_expert)
         ]
+
+    def extra_repr(self) -> str:
+        return f"{self.n_expert} x ({self.cols} -> {self.rows}), {self.weight.fmt.name}, bias={self.bias is not None}"
 
     def gathered(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Row ``p`` of ``x (P, cols)`` through expert ``ids[p]``: ``(P, rows)``, decoding only those experts."""
