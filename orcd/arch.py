@@ -44,8 +44,9 @@ class ModelConfig(BaseModel):
 
 
 class CausalLM(torch.nn.Module):
-    """The module an architecture builds. The engine owns the KV cache and drives ``forward``; see
-    ``orcd.engine`` for the exact calling convention."""
+    """The module an architecture builds. The engine owns the KV cache and calls ``forward(batch: ForwardBatch,
+    all_logits=False)``: the calling convention is documented in ``orcd/nn/batch.py`` (``orcd.nn.decoder.DecoderLM`` is a
+    ready-made pre-norm decoder that follows it)."""
 
     config: ModelConfig
 
