@@ -392,7 +392,7 @@ def test_disconnect_cancels_job(long_client: httpx.Client, long_server: LiveServ
     cm.__exit__(None, None, None)  # the client goes away mid-stream
     assert wait_until(lambda: worker.running_jobs == 0, timeout=2.0)
     assert time.monotonic() - t0 < 1.0
-    assert worker.metrics.requests.labels(outcome="CANCELLED")._value.get() == before + 1
+    assert wait_until(lambda: worker.metrics.requests.labels(outcome="CANCELLED")._value.get() == before + 1)
     events = execute(long_client, job(max_tokens=3))  # and the worker goes on serving
     assert events[-1][0] == "end"
 

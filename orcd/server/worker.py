@@ -421,8 +421,11 @@ class Worker:
             with self._cond:
                 jobs = list(self._running.values())
             for job in jobs:
-                self._abort(job, err.code, err.message, err.retriable)
+                self._drop(job)
+            self._flush_engine()
             self._after_error(err)
+            for job in jobs:
+                self._finish_error(job, err.code, err.message, err.retriable)
             return
         for ev in events:
             job = self._running.get(ev.request_id)
@@ -434,6 +437,15 @@ class Worker:
             else:
                 self._finish(job, ev)
 
+    def _flush_engine(self) -> None:
+        """One step for the engine to end the sequences this worker dropped and release their KV cache slots
+        (every running job was dropped, so the step has nothing else to do)."""
+        try:
+            devmem.guarded(self.engine.step, self.device, "releasing failed jobs")
+        except OrcdError as err:
+            log.error("the engine could not release failed jobs: %s", err.message)
+            self._mark_unhealthy(f"the engine could not release failed jobs: {err.message}")
+
     def _finish(self, job: Job, ev: Any) -> None:
         """The engine ended ``job`` (``ev`` is its ``FinishEvent``)."""
         with self._cond:
@@ -441,31 +453,38 @@ class Worker:
             job.state = "done"
             self._cond.notify_all()
         reason = ev.reason
+        # Counted, logged and measured before the terminal event is posted: a client that reads /metrics, the
+        # log or /health right after its stream ended sees its job there.
         if reason in FINISH_REASONS:
-            decode_ms = round(float(ev.decode_time_s or 0.0) * 1000, 3)
             ttft = ev.time_to_first_token_s
-            job.post("metrics", {
-                "prompt_tokens": ev.prompt_tokens,
-                "tokens_out": ev.completion_tokens,
-                "time_to_first_token_ms": None if ttft is None else round(ttft * 1000, 3),
-                "decode_tokens_per_s": _rate(ev.completion_tokens, ev.decode_time_s),
-                "queue_time_ms": round(((job.started or job.created) - job.created) * 1000, 3),
-            })
-            job.post("end", {"tokens_out": ev.completion_tokens, "decode_time_ms": decode_ms, "stop_reason": reason,
-                             "seed": job.seed})
+            ttft_ms = None if ttft is None else round(ttft * 1000, 3)
+            rate = _rate(ev.completion_tokens, ev.decode_time_s)
             self.metrics.requests.labels(outcome=reason).inc()
             log.info("job finished", extra=self._job_fields(
                 job, stop_reason=reason, prompt_tokens=ev.prompt_tokens, tokens_out=ev.completion_tokens,
-                time_to_first_token_ms=None if ttft is None else round(ttft * 1000, 1),
-                decode_tokens_per_s=_rate(ev.completion_tokens, ev.decode_time_s)))
+                time_to_first_token_ms=ttft_ms, decode_tokens_per_s=rate))
+            self._refresh_vram()
+            job.post("metrics", {
+                "prompt_tokens": ev.prompt_tokens,
+                "tokens_out": ev.completion_tokens,
+                "time_to_first_token_ms": ttft_ms,
+                "decode_tokens_per_s": rate,
+                "queue_time_ms": round(((job.started or job.created) - job.created) * 1000, 3),
+            })
+            job.post("end", {"tokens_out": ev.completion_tokens,
+                             "decode_time_ms": round(float(ev.decode_time_s or 0.0) * 1000, 3),
+                             "stop_reason": reason, "seed": job.seed})
         else:
             err = ev.error if isinstance(ev.error, OrcdError) else None
             message = err.message if err else str(ev.error or reason)
             retriable = err.retriable if err else reason in (VramOOM.code, InferenceTimeout.code)
+            if reason == VramOOM.code:  # free the failed job's memory before anyone hears it ended
+                if ev.error is not None:  # its traceback and context hold the frames (and tensors) of the forward
+                    ev.error.__context__ = ev.error.__cause__ = None
+                    ev.error.__traceback__ = None
+                devmem.release_cached(self.device)  # gc.collect() breaks the frame ↔ exception cycles too
+            self._refresh_vram()
             self._post_error(job, reason, message, retriable)
-            if reason == VramOOM.code:
-                devmem.release_cached(self.device)
-        self._refresh_vram()
 
     def _abort(self, job: Job, code: str, message: str, retriable: bool | None) -> None:
         """End a running job from the worker's side (cancel, timeout, failed step)."""
@@ -493,10 +512,10 @@ class Worker:
         job.state = "done"
         if retriable is None:
             retriable = _default_retriable(code)
-        job.post("error", {"code": code, "message": message, "retriable": retriable})
         self.metrics.requests.labels(outcome=code).inc()
         level = logging.INFO if code == Cancelled.code else logging.WARNING
         log.log(level, "job failed", extra=self._job_fields(job, code=code, error=message, tokens_out=job.tokens_out))
+        job.post("error", {"code": code, "message": message, "retriable": retriable})
 
     def _after_error(self, err: OrcdError) -> None:
         if err.code == "CUDA_ERROR":  # the CUDA context may be unusable: stop taking jobs until restarted
