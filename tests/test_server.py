@@ -532,8 +532,9 @@ def test_residency_check_marks_unhealthy(model_path: Path) -> None:
     live = LiveServer(model_path, make_plugin_manager("quant_formats", "llama_adapter"))
     try:
         worker = live.worker
-        assert worker.check_residency() == []
         with httpx.Client(base_url=live.url, timeout=10) as c:
+            assert execute(c, job(max_tokens=5))[-1][0] == "end"
+            assert worker.check_residency() == []  # serving jobs moves nothing (no false alarm)
             assert c.get("/health").json()["last_residency_check"] is not None
             # a weight's storage is replaced behind the worker's back (as if it had been evicted and reloaded)
             qt = _first_quantized(worker.loaded.module)
