@@ -528,6 +528,26 @@ def test_shutdown_endpoint_drains(model_path: Path) -> None:
         live.stop()
 
 
+def test_close_ends_running_jobs_promptly(model_path: Path) -> None:
+    plugins = make_plugin_manager("quant_formats", "llama_adapter")
+    tokenizer = load_model(model_path, plugins=plugins).tokenizer
+    plugins.register(NoEndOfGenerationPlugin(end_of_generation_ids(tokenizer)), name="test_no_eog")
+    live = LiveServer(model_path, plugins)
+    try:
+        with httpx.Client(base_url=live.url, timeout=30) as c:
+            cm, events = _open_stream(c, job(max_tokens=LONG))
+            _next_kinds(events, 1)
+            t0 = time.monotonic()
+            live.worker.close()  # what a forced exit does after uvicorn stops
+            assert time.monotonic() - t0 < 1.0
+            assert list(events)[-1] == ("error", {"code": "CANCELLED", "retriable": True,
+                                                  "message": "the worker stopped; retry on another worker"})
+            cm.__exit__(None, None, None)
+        assert live.worker.engine is None and "orcd.server.metrics" not in " ".join(plugins.info)
+    finally:
+        live.stop()  # closing twice is harmless
+
+
 def test_residency_check_marks_unhealthy(model_path: Path) -> None:
     live = LiveServer(model_path, make_plugin_manager("quant_formats", "llama_adapter"))
     try:

@@ -200,8 +200,13 @@ class Worker:
         return clean
 
     def close(self) -> None:
-        """Stop the engine thread, unregister the metrics hooks and free the model's memory."""
+        """Stop the engine thread, unregister the metrics hooks and free the model's memory. Jobs still queued or
+        running (after a forced exit; a graceful one has drained them) end with a retriable CANCELLED."""
+        if self.engine is None:  # closed already
+            return
         self.begin_shutdown()
+        for job_id in self.job_ids():
+            self.cancel(job_id, "CANCELLED", "the worker stopped; retry on another worker", retriable=True)
         with self._cond:
             self._stop = True
             self._cond.notify_all()
