@@ -249,6 +249,11 @@ def test_not_json(client: httpx.Client) -> None:
     assert r.status_code == 400 and r.json()["code"] == "INVALID_REQUEST"
 
 
+def test_nulls_mean_defaults(long_client: httpx.Client) -> None:
+    events = execute(long_client, job(max_tokens=2, seed=None, stop=None))
+    assert events[-1][0] == "end" and isinstance(events[-1][1]["seed"], int)
+
+
 def test_limits_at_the_edges_accepted(long_client: httpx.Client) -> None:
     events = execute(long_client, job(max_tokens=1, temperature=2.0, seed=2**64 - 1, top_p=0.0, top_k=0, min_p=1.0,
                                       repetition_penalty=0.01, stop=["a", "b", "c", "d"]))

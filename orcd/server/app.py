@@ -199,7 +199,8 @@ def _add_worker_routes(app: FastAPI) -> None:
     async def execute(body: ExecuteRequest, request: Request) -> Response:
         worker = worker_of(request)
         sampling = body.model_dump(include={"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"})
-        job = await run_in_threadpool(worker.make_job, body.job_id, body.prompt, body.max_tokens, sampling, body.stop)
+        job = await run_in_threadpool(worker.make_job, body.job_id, body.prompt, body.max_tokens, sampling,
+                                      body.stop or [])
         worker.submit(job, asyncio.get_running_loop())
         return StreamingResponse(
             _worker_stream(job, worker),

@@ -44,7 +44,7 @@ class ExecuteRequest(_Strict):
     top_k: StrictInt = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
-    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=MAX_STOP_STRINGS)
 
     @field_validator("temperature", "top_p", "min_p", "repetition_penalty", mode="before")
     @classmethod
