@@ -160,18 +160,14 @@ def sse(kind: str, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
 
 
-async def job_events(job: Job, keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[Event | None]:
-    """The job's events as they come, ending with its terminal one; ``None`` after ``keepalive_s`` of silence
-    (the caller sends a comment, which also finds out whether the client is still there)."""
-    assert job.events is not None
+async def job_events(job: Job, keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[list[Event]]:
+    """The job's events in batches (all that arrived since the last batch), ending with its terminal one; an
+    empty batch after ``keepalive_s`` of silence (the caller sends a comment, which also finds out whether the
+    client is still there). Batches let a slow reader catch up in one write instead of one per token."""
     while True:
-        try:
-            ev = await asyncio.wait_for(job.events.get(), timeout=keepalive_s)
-        except TimeoutError:
-            yield None
-            continue
-        yield ev
-        if ev.kind in TERMINAL:
+        batch = await job.next_events(keepalive_s)
+        yield batch
+        if any(ev.kind in TERMINAL for ev in batch):
             return
 
 
@@ -185,11 +181,8 @@ def cancel_if_open(worker: Worker, job: Job, why: str = "the client disconnected
 
 async def _worker_stream(job: Job, worker: Worker) -> AsyncIterator[bytes]:
     try:
-        async for ev in job_events(job):
-            if ev is None:
-                yield b": keep-alive\n\n"
-            else:
-                yield sse(ev.kind, ev.data)
+        async for batch in job_events(job):
+            yield b"".join(sse(ev.kind, ev.data) for ev in batch) if batch else b": keep-alive\n\n"
     finally:
         cancel_if_open(worker, job)
 

@@ -27,7 +27,7 @@ from orcd.chat import split_harmony_channels
 from orcd.errors import InvalidRequest
 from orcd.server.app import cancel_if_open, error_response, job_events, worker_of
 from orcd.server.schemas import ChatCompletionRequest, CompletionRequest, _OpenAIBase
-from orcd.server.worker import Job, Worker
+from orcd.server.worker import Event, Job, Worker
 
 FINISH_REASON = {"eos": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 ERROR_STATUS = {"VRAM_OOM": 503, "INFERENCE_TIMEOUT": 504, "CANCELLED": 499, "INVALID_REQUEST": 400}
@@ -168,32 +168,41 @@ def _chunk(ids: _Ids, chat: bool, choices: list[dict[str, Any]], usage: dict[str
 
 def _stream(job: Job, worker: Worker, ids: _Ids, include_usage: bool, chat: bool,
             channels: HarmonyChannels | None = None) -> StreamingResponse:
+    def render(ev: Event) -> list[bytes]:
+        if ev.kind == "token" and channels is not None:
+            reasoning, content = channels.feed(ev.data["t"])
+            out = []
+            if reasoning:
+                out.append(_chunk(ids, chat, [{"index": 0, "delta": {"reasoning_content": reasoning},
+                                               "logprobs": None, "finish_reason": None}]))
+            if content:
+                out.append(_chunk(ids, chat, [_choice(chat, content, None)]))
+            return out
+        if ev.kind == "token":
+            return [_chunk(ids, chat, [_choice(chat, ev.data["t"], None)])] if ev.data["t"] else []
+        if ev.kind == "end":
+            finish = FINISH_REASON.get(ev.data["stop_reason"], "stop")
+            out = [_chunk(ids, chat, [_choice(chat, None if chat else "", finish, final=True)])]
+            if include_usage:
+                out.append(_chunk(ids, chat, [], _usage(len(job.prompt_ids), ev.data["tokens_out"])))
+            return out
+        if ev.kind == "error":
+            err = {"message": ev.data["message"], "type": "server_error", "param": None,
+                   "code": ev.data["code"].lower()}
+            return [b"data: " + json.dumps({"error": err}).encode() + b"\n\n"]
+        return []  # started, metrics: nothing in OpenAI's format
+
     async def chunks() -> AsyncIterator[bytes]:
         try:
             if chat:  # OpenAI's first chat chunk announces the role
                 yield _chunk(ids, chat, [_choice(chat, "", None, first=True)], None)
-            async for ev in job_events(job):
-                if ev is None:
+            async for batch in job_events(job):
+                if not batch:
                     yield b": keep-alive\n\n"
-                elif ev.kind == "token" and channels is not None:
-                    reasoning, content = channels.feed(ev.data["t"])
-                    if reasoning:
-                        yield _chunk(ids, chat, [{"index": 0, "delta": {"reasoning_content": reasoning},
-                                                  "logprobs": None, "finish_reason": None}])
-                    if content:
-                        yield _chunk(ids, chat, [_choice(chat, content, None)])
-                elif ev.kind == "token":
-                    if ev.data["t"]:
-                        yield _chunk(ids, chat, [_choice(chat, ev.data["t"], None)])
-                elif ev.kind == "end":
-                    finish = FINISH_REASON.get(ev.data["stop_reason"], "stop")
-                    yield _chunk(ids, chat, [_choice(chat, None if chat else "", finish, final=True)])
-                    if include_usage:
-                        yield _chunk(ids, chat, [], _usage(len(job.prompt_ids), ev.data["tokens_out"]))
-                elif ev.kind == "error":
-                    err = {"message": ev.data["message"], "type": "server_error", "param": None,
-                           "code": ev.data["code"].lower()}
-                    yield b"data: " + json.dumps({"error": err}).encode() + b"\n\n"
+                    continue
+                out = b"".join(piece for ev in batch for piece in render(ev))
+                if out:
+                    yield out
             yield b"data: [DONE]\n\n"
         finally:
             cancel_if_open(worker, job)
@@ -203,44 +212,46 @@ def _stream(job: Job, worker: Worker, ids: _Ids, include_usage: bool, chat: bool
                              background=BackgroundTask(cancel_if_open, worker, job))
 
 
+def _completion_response(ids: _Ids, chat: bool, channels: HarmonyChannels | None, text: str,
+                         end: dict[str, Any], prompt_tokens: int) -> JSONResponse:
+    finish = FINISH_REASON.get(end["stop_reason"], "stop")
+    if chat:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if channels is not None:
+            parts = split_harmony_channels(text)
+            message = {"role": "assistant", "content": parts["final"], "reasoning_content": parts["analysis"] or None}
+        choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return JSONResponse({
+        "id": ids.id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": ids.created,
+        "model": ids.model,
+        "system_fingerprint": ids.fingerprint,
+        "choices": [choice],
+        "usage": _usage(prompt_tokens, end["tokens_out"]),
+    })
+
+
 async def _collect(job: Job, worker: Worker, ids: _Ids, request: Request, chat: bool,
                    channels: HarmonyChannels | None = None) -> Response:
     """Wait for the whole completion; a client that leaves meanwhile cancels the job."""
     parts: list[str] = []
     try:
-        async for ev in job_events(job, keepalive_s=DISCONNECT_POLL_S):
-            if ev is None:
-                if await request.is_disconnected():
-                    cancel_if_open(worker, job)
-                    return Response(status_code=499)
-            elif ev.kind == "token":
-                parts.append(ev.data["t"])
-            elif ev.kind == "end":
-                text = "".join(parts)
-                finish = FINISH_REASON.get(ev.data["stop_reason"], "stop")
-                if chat:
-                    message: dict[str, Any] = {"role": "assistant", "content": text}
-                    if channels is not None:
-                        parts = split_harmony_channels(text)
-                        message = {"role": "assistant", "content": parts["final"],
-                                   "reasoning_content": parts["analysis"] or None}
-                    choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
-                                              "finish_reason": finish}
-                else:
-                    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-                return JSONResponse({
-                    "id": ids.id,
-                    "object": "chat.completion" if chat else "text_completion",
-                    "created": ids.created,
-                    "model": ids.model,
-                    "system_fingerprint": ids.fingerprint,
-                    "choices": [choice],
-                    "usage": _usage(len(job.prompt_ids), ev.data["tokens_out"]),
-                })
-            elif ev.kind == "error":
-                status = ERROR_STATUS.get(ev.data["code"], 500)
-                headers = {"Retry-After": "1"} if ev.data.get("retriable") and status == 503 else None
-                return error_response(request, status, ev.data["code"], ev.data["message"], headers=headers)
+        async for batch in job_events(job, keepalive_s=DISCONNECT_POLL_S):
+            if not batch and await request.is_disconnected():
+                cancel_if_open(worker, job)
+                return Response(status_code=499)
+            for ev in batch:
+                if ev.kind == "token":
+                    parts.append(ev.data["t"])
+                elif ev.kind == "end":
+                    return _completion_response(ids, chat, channels, "".join(parts), ev.data, len(job.prompt_ids))
+                elif ev.kind == "error":
+                    status = ERROR_STATUS.get(ev.data["code"], 500)
+                    headers = {"Retry-After": "1"} if ev.data.get("retriable") and status == 503 else None
+                    return error_response(request, status, ev.data["code"], ev.data["message"], headers=headers)
     finally:
         cancel_if_open(worker, job)
     return error_response(request, 500, "INTERNAL", "the job ended without a result")

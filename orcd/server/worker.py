@@ -90,25 +90,56 @@ class Job:
     prompt: str = ""  # kept for logging when --log-prompts
     api: str = "worker"
     loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue[Event] | None = None
     state: str = "new"  # new | queued | running | done
     cancel: tuple[str, str, bool | None] | None = None  # (code, message, retriable): client, disconnect, shutdown
     created: float = field(default_factory=time.monotonic)
     started: float | None = None
     tokens_out: int = 0
+    # Events cross from the engine thread to the loop through a deque; the loop is woken at most once per batch
+    # (one call_soon_threadsafe, so one self-pipe write, however many tokens arrived meanwhile).
+    _pending: deque[Event] = field(default_factory=deque, repr=False)
+    _ready: asyncio.Event | None = field(default=None, repr=False)
+    _wake_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _wake_scheduled: bool = False
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.events = asyncio.Queue()
+        self._ready = asyncio.Event()
 
     def post(self, kind: str, data: dict[str, Any]) -> None:
         """Hand an event to the job's consumer; safe from any thread."""
-        if self.loop is None or self.events is None:
+        if self.loop is None:
             return
+        self._pending.append(Event(kind, data))
+        with self._wake_lock:
+            if self._wake_scheduled:
+                return
+            self._wake_scheduled = True
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, Event(kind, data))
+            self.loop.call_soon_threadsafe(self._wake)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            self._wake_scheduled = False
+        assert self._ready is not None
+        self._ready.set()
+
+    async def next_events(self, timeout: float) -> list[Event]:
+        """Every event posted since the last call, waiting up to ``timeout`` seconds for one (then ``[]``)."""
+        assert self._ready is not None
+        if not self._pending:
+            self._ready.clear()
+            if not self._pending:  # checked again after the clear: a post in between has set it anew
+                try:
+                    await asyncio.wait_for(self._ready.wait(), timeout)
+                except TimeoutError:
+                    return []
+        out = []
+        while self._pending:
+            out.append(self._pending.popleft())
+        return out
 
     @property
     def done(self) -> bool:
