@@ -35,6 +35,7 @@ import torch
 
 from orcd.quant import QuantFormat
 from orcd_quant_formats.blocks import block_scales, f16, low_bits, nibbles, put_f16, random_bytes, rms, shifts
+from orcd_quant_formats.kernels import FusedLinear
 
 T = gguf.GGMLQuantizationType
 QK_K = 256
@@ -109,7 +110,7 @@ class Q3_K(QuantFormat):
         return out
 
 
-class Q4_K(QuantFormat):
+class Q4_K(FusedLinear, QuantFormat):
     ggml_type, block_size, type_size = T.Q4_K, QK_K, 144
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -127,7 +128,7 @@ class Q4_K(QuantFormat):
         return _random_scale_min_blocks(self, n_blocks, rng, scale, nmax=15)
 
 
-class Q5_K(QuantFormat):
+class Q5_K(FusedLinear, QuantFormat):
     ggml_type, block_size, type_size = T.Q5_K, QK_K, 176
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -147,7 +148,7 @@ class Q5_K(QuantFormat):
         return _random_scale_min_blocks(self, n_blocks, rng, scale, nmax=31)
 
 
-class Q6_K(QuantFormat):
+class Q6_K(FusedLinear, QuantFormat):
     ggml_type, block_size, type_size = T.Q6_K, QK_K, 210
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:

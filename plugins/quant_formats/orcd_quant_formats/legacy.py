@@ -18,6 +18,7 @@ import torch
 
 from orcd.quant import QuantFormat
 from orcd_quant_formats.blocks import bits_le32, block_scales, f16, nibbles, put_f16, random_bytes, rms
+from orcd_quant_formats.kernels import FusedLinear
 
 T = gguf.GGMLQuantizationType
 
@@ -37,7 +38,7 @@ def _five_bit(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
     return _four_bit(qs) | (bits_le32(qh) << 4)
 
 
-class Q4_0(_GgufQuantizer):
+class Q4_0(FusedLinear, _GgufQuantizer):
     ggml_type, block_size, type_size = T.Q4_0, 32, 18
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -50,7 +51,7 @@ class Q4_0(_GgufQuantizer):
         return out
 
 
-class Q4_1(_GgufQuantizer):
+class Q4_1(FusedLinear, _GgufQuantizer):
     ggml_type, block_size, type_size = T.Q4_1, 32, 20
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ class Q4_1(_GgufQuantizer):
         return out
 
 
-class Q5_0(_GgufQuantizer):
+class Q5_0(FusedLinear, _GgufQuantizer):
     ggml_type, block_size, type_size = T.Q5_0, 32, 22
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ class Q5_0(_GgufQuantizer):
         return out
 
 
-class Q5_1(_GgufQuantizer):
+class Q5_1(FusedLinear, _GgufQuantizer):
     ggml_type, block_size, type_size = T.Q5_1, 32, 24
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ class Q5_1(_GgufQuantizer):
         return out
 
 
-class Q8_0(_GgufQuantizer):
+class Q8_0(FusedLinear, _GgufQuantizer):
     ggml_type, block_size, type_size = T.Q8_0, 32, 34
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:

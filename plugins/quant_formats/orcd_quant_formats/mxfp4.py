@@ -14,6 +14,7 @@ import torch
 
 from orcd.quant import QuantFormat
 from orcd_quant_formats.blocks import nibbles, random_bytes
+from orcd_quant_formats.kernels import FusedLinear
 
 T = gguf.GGMLQuantizationType
 
@@ -37,7 +38,7 @@ def e8m0_half(e: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-class MXFP4(QuantFormat):
+class MXFP4(FusedLinear, QuantFormat):
     ggml_type, block_size, type_size = T.MXFP4, 32, 17
 
     def dequantize(self, blocks: torch.Tensor) -> torch.Tensor:

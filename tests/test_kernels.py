@@ -1,0 +1,315 @@
+"""Fused dequantize-matmul kernels (orcd_quant_formats.kernels) against the reference dequantize-then-matmul.
+
+Two kinds of check, for every format with a kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4):
+
+- the decoded weights are gguf's to the bit: multiplying the one-hot rows of an identity matrix in fp32 (IEEE
+  products, every sum has one non-zero term) returns ``W.T`` exactly, compared with ``gguf.quants.dequantize``;
+- products match a float64 reference within a tolerance on ``||out - ref|| / ||ref||``: fp32 ``x`` 1e-5 (fp32
+  products summed in another order, K <= 1440: measured ~1e-7), fp16 ``x`` 1e-3 (the tl.dot path rounds weights to
+  fp16 as the reference path does, and the output is rounded to fp16: each ~1.6e-4 RMS), bf16 ``x`` 1e-2 (the same
+  with 8 significant bits: ~1.3e-3 each).
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set here before they are imported)
+on tiny shapes; the tests skip when Triton is not installed (CI does not install it). The ``gpu``-marked tests run
+the compiled kernels on CUDA for M in {1, 4, 17, 512} and odd N and K (K a multiple of the block size, not of the
+kernel's step), with fresh random weights and inputs on every run (the seed is in the failure message); their
+oracle is orcd's reference path in float64 (``orcd.quant.reference_linear``), itself bit-exact with gguf.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_plugin_manager
+from orcd.quant import QuantFormat, QuantizedLinear, QuantizedTensor, reference_linear
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON and not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernel modules
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (the kernels' development tests)")
+interpreter_only = pytest.mark.skipif(
+    not (HAS_TRITON and INTERPRETED), reason="interpreter tests: CPU machines, or TRITON_INTERPRET=1")
+
+
+def gpu_test(fn):
+    """Compiled kernels on CUDA: ``gpu``-marked, and skipped without Triton or under the interpreter."""
+    for mark in (pytest.mark.gpu, needs_triton, pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1 is set")):
+        fn = mark(fn)
+    return fn
+
+KERNEL_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+T = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(scope="module")
+def formats() -> dict[str, QuantFormat]:
+    pm = make_plugin_manager("quant_formats")
+    return {fmt.name: fmt for fmt in pm.quant_formats.values()}
+
+
+def matmul_module():
+    from orcd_quant_formats.kernels import matmul
+
+    return matmul
+
+
+def random_weight(fmt: QuantFormat, shape: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Raw blocks ``(rows, row_bytes)`` and gguf's float64 decoding ``(rows, K)`` of a random weight of ``shape``."""
+    rows, K = int(np.prod(shape[:-1])), shape[-1]
+    raw = fmt.random_blocks(rows * K // fmt.block_size, rng, scale=0.05).reshape(rows, -1)
+    return raw, gguf.quants.dequantize(raw, T(fmt.ggml_type)).astype(np.float64)
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(got).all(), "non-finite outputs"
+    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def test_plugin_falls_back_off_cuda(formats: dict[str, QuantFormat]) -> None:
+    """On the CPU (and without Triton) every format's ``linear`` declines, and QuantizedLinear uses the reference."""
+    rng = np.random.default_rng(0)
+    for name in KERNEL_FORMATS:
+        fmt = formats[name]
+        raw, _ = random_weight(fmt, (8, 256), rng)
+        weight = QuantizedTensor.from_raw("w", raw, fmt, (8, 256))
+        x = torch.randn(2, 256)
+        assert fmt.linear(x, weight, None) is None, name
+        torch.testing.assert_close(QuantizedLinear(weight)(x), reference_linear(x, weight, None), rtol=0, atol=0)
+
+
+# --- interpreter (CPU) ---------------------------------------------------------------------------------------------
+
+
+def interpreter_configs():
+    matmul = matmul_module()
+    return {
+        "fma": matmul.Config(bm=2, bn=16, step=64, dot=False, split=1),
+        "fma-split": matmul.Config(bm=4, bn=16, step=32, dot=False, split=3),
+        "dot": matmul.Config(bm=16, bn=16, step=64, dot=True, split=1),
+        "dot-split": matmul.Config(bm=16, bn=16, step=32, dot=True, split=2),
+    }
+
+
+def tiny_k(fmt: QuantFormat) -> int:
+    return 512 if fmt.block_size == 256 else 96  # legacy: 3 blocks, so the last step of 64 is half empty
+
+
+@interpreter_only
+@pytest.mark.parametrize("name", KERNEL_FORMATS)
+def test_interpreted_tiles_bit_exact(formats: dict[str, QuantFormat], name: str) -> None:
+    matmul = matmul_module()
+    fmt = formats[name]
+    K, N = tiny_k(fmt), 19
+    raw, w = random_weight(fmt, (N, K), np.random.default_rng(1))
+    eye = torch.eye(K, dtype=torch.float32)
+    got = matmul.linear(eye, torch.from_numpy(raw), int(fmt.ggml_type), N, K, config=interpreter_configs()["dot"])
+    assert np.array_equal(got.T.numpy(), w.astype(np.float32))
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("path", ["fma", "fma-split", "dot", "dot-split", "auto"])
+@pytest.mark.parametrize("name", KERNEL_FORMATS)
+def test_interpreted_linear(formats: dict[str, QuantFormat], name: str, path: str, dtype: torch.dtype) -> None:
+    matmul = matmul_module()
+    fmt = formats[name]
+    K, N = tiny_k(fmt), 19  # N: one full block of 16 weight rows and a partial one
+    M = 3 if path.startswith("dot") else 2
+    rng = np.random.default_rng(2)
+    raw, w = random_weight(fmt, (N, K), rng)
+    x = torch.from_numpy(rng.standard_normal((M, K), dtype=np.float32)).to(dtype)
+    bias = torch.from_numpy(rng.standard_normal(N, dtype=np.float32))
+    config = None if path == "auto" else interpreter_configs()[path]
+    got = matmul.linear(x, torch.from_numpy(raw), int(fmt.ggml_type), N, K, bias, config=config)
+    assert got.shape == (M, N) and got.dtype == dtype
+    ref = x.double() @ torch.from_numpy(w).T + bias.double()
+    assert relative_error(got, ref) < TOLERANCE[dtype]
+
+
+@interpreter_only
+@pytest.mark.parametrize("path", ["fma", "fma-split", "dot", "auto"])
+@pytest.mark.parametrize("name", ["MXFP4", "Q4_K", "Q8_0", "Q6_K"])
+def test_interpreted_experts(formats: dict[str, QuantFormat], name: str, path: str) -> None:
+    matmul = matmul_module()
+    fmt = formats[name]
+    E, N, K, top_k, tokens = 5, 19, tiny_k(fmt), 3, 6
+    rng = np.random.default_rng(3)
+    raw, w = random_weight(fmt, (E, N, K), rng)
+    w = torch.from_numpy(w).reshape(E, N, K)
+    bias = torch.from_numpy(rng.standard_normal((E, N), dtype=np.float32))
+    ids = torch.from_numpy(rng.integers(0, E - 1, size=(tokens, top_k)))  # expert E-1 is never chosen
+    x = torch.from_numpy(rng.standard_normal((tokens, K), dtype=np.float32))
+    config = None if path == "auto" else interpreter_configs()[path]
+    data = torch.from_numpy(raw)
+    got = matmul.expert_linear(x, data, int(fmt.ggml_type), E, N, K, ids, bias, config=config)
+    flat = ids.reshape(-1)
+    ref = torch.stack([w[e] @ x[p // top_k].double() + bias[e].double() for p, e in enumerate(flat.tolist())])
+    assert got.shape == (tokens * top_k, N)
+    assert relative_error(got, ref) < TOLERANCE[torch.float32]
+    # One row of x per pair (the form ExpertProjection.gathered uses): the same result.
+    pairs = matmul.expert_linear(x.repeat_interleave(top_k, 0), data, int(fmt.ggml_type), E, N, K, flat, bias,
+                                 config=config)
+    torch.testing.assert_close(pairs, got, rtol=0, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("bm", [1, 4, 16])
+def test_expert_block_table(bm: int) -> None:
+    """Every pair sits in exactly one block, each block holds one expert's pairs (at most ``bm``), in expert order."""
+    matmul = matmul_module()
+    rng = np.random.default_rng(4)
+    n_expert = 6
+    ids = torch.from_numpy(rng.integers(0, n_expert, size=(40, 4)))
+    ids[ids == 2] = 3  # an unchosen expert in the middle
+    expert, start, end, order = matmul.expert_blocks(ids, n_expert, bm)
+    flat = ids.reshape(-1)
+    seen = []
+    for b in range(expert.numel()):
+        s, e = int(start[b]), int(end[b])
+        assert 0 <= e - s <= bm
+        pairs = order[s:e].long()
+        assert (flat[pairs] == int(expert[b])).all()
+        seen += pairs.tolist()
+    assert sorted(seen) == list(range(flat.numel()))
+    assert torch.equal(flat[order.long()], torch.sort(flat, stable=True).values)
+
+
+# --- CUDA -----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def kernels_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ORCD_KERNELS", raising=False)
+
+
+CUDA_M = [1, 4, 17, 512]
+CUDA_N = 301
+
+
+def cuda_k(fmt: QuantFormat) -> int:
+    return 1280 if fmt.block_size == 256 else 1440  # 5 super-blocks / 45 blocks: not a multiple of any step
+
+
+def fresh_rng() -> tuple[np.random.Generator, int]:
+    seed = secrets.randbits(32)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed), seed
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("m", CUDA_M)
+@pytest.mark.parametrize("name", KERNEL_FORMATS)
+@pytest.mark.usefixtures("kernels_on")
+def test_cuda_linear(formats: dict[str, QuantFormat], name: str, m: int, dtype: torch.dtype) -> None:
+    fmt = formats[name]
+    if dtype == torch.bfloat16 and m in (4, 17):
+        pytest.skip("bf16 is checked at M = 1 and 512 (the same code as fp16 in between)")
+    from orcd_quant_formats.kernels import fused_linear
+
+    rng, seed = fresh_rng()
+    K = cuda_k(fmt)
+    raw, _ = random_weight(fmt, (CUDA_N, K), rng)
+    weight = QuantizedTensor.from_raw("blk.0.ffn_up.weight", raw, fmt, (CUDA_N, K), "cuda")
+    bias = torch.randn(CUDA_N, device="cuda")
+    x = torch.randn(m, K, device="cuda").to(dtype)
+    got = fused_linear(x, weight, bias)
+    assert got is not None, "the fused kernel declined"
+    assert got.shape == (m, CUDA_N) and got.dtype == dtype
+    ref = reference_linear(x.double(), weight, bias.double())
+    err = relative_error(got, ref)
+    assert err < TOLERANCE[dtype], f"{name} M={m} {dtype}: relative error {err:.2e} (seed {seed})"
+
+
+@gpu_test
+@pytest.mark.parametrize("name", KERNEL_FORMATS)
+@pytest.mark.usefixtures("kernels_on")
+def test_cuda_tiles_bit_exact(formats: dict[str, QuantFormat], name: str) -> None:
+    matmul = matmul_module()
+    fmt = formats[name]
+    rng, seed = fresh_rng()
+    K, N = 512, 37
+    raw, w = random_weight(fmt, (N, K), rng)
+    eye = torch.eye(K, device="cuda")
+    got = matmul.linear(eye, torch.from_numpy(raw).cuda(), int(fmt.ggml_type), N, K,
+                        config=matmul.Config(bm=64, bn=32, step=64, dot=True))
+    assert np.array_equal(got.T.cpu().numpy(), w.astype(np.float32)), f"{name} (seed {seed})"
+
+
+@gpu_test
+@pytest.mark.parametrize("tokens", [1, 8, 300])
+@pytest.mark.parametrize("name", ["MXFP4", "Q4_K", "Q8_0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.usefixtures("kernels_on")
+def test_cuda_experts(formats: dict[str, QuantFormat], name: str, tokens: int, dtype: torch.dtype) -> None:
+    from orcd_quant_formats.kernels import expert_linear
+
+    fmt = formats[name]
+    rng, seed = fresh_rng()
+    E, N, K, top_k = 8, CUDA_N, cuda_k(fmt), 4
+    raw, w = random_weight(fmt, (E, N, K), rng)
+    weight = QuantizedTensor.from_raw("blk.0.ffn_up_exps.weight", raw, fmt, (E, N, K), "cuda")
+    w = torch.from_numpy(w).cuda().reshape(E, N, K)
+    bias = torch.randn(E, N, device="cuda")
+    ids = torch.randint(0, E - 1, (tokens, top_k), device="cuda")  # expert E-1 never chosen
+    x = torch.randn(tokens, K, device="cuda").to(dtype)
+    got = expert_linear(x, weight, ids, bias)
+    assert got is not None and got.shape == (tokens * top_k, N) and got.dtype == dtype
+    flat = ids.reshape(-1)
+    xp = x.double().repeat_interleave(top_k, 0)
+    ref = torch.bmm(w[flat], xp.unsqueeze(-1)).squeeze(-1) + bias.double()[flat]
+    err = relative_error(got, ref)
+    assert err < TOLERANCE[dtype], f"{name} tokens={tokens} {dtype}: relative error {err:.2e} (seed {seed})"
+    pairs = expert_linear(x.repeat_interleave(top_k, 0), weight, flat, bias)
+    torch.testing.assert_close(pairs, got, rtol=0, atol=0)
+
+
+@gpu_test
+@pytest.mark.usefixtures("kernels_on")
+def test_cuda_switch_and_graph_capture(formats: dict[str, QuantFormat], monkeypatch: pytest.MonkeyPatch) -> None:
+    """QuantizedLinear takes the kernel on CUDA and the reference with ``ORCD_KERNELS=0``; both kernels replay
+    correctly from a CUDA graph (no host sync) on new inputs."""
+    from orcd_quant_formats.kernels import expert_linear
+
+    fmt = formats["MXFP4"]
+    rng, seed = fresh_rng()
+    raw, _ = random_weight(fmt, (4, 256, 512), rng)
+    experts = QuantizedTensor.from_raw("e", raw, fmt, (4, 256, 512), "cuda")
+    weight = QuantizedTensor("w", experts.data[:256], fmt, (256, 512))
+    layer = QuantizedLinear(weight)
+    x = torch.randn(2, 512, device="cuda")
+    assert fmt.linear(x, weight, None) is not None
+    fused = layer(x)
+    monkeypatch.setenv("ORCD_KERNELS", "0")
+    assert fmt.linear(x, weight, None) is None and expert_linear(x, experts, torch.zeros(2, dtype=torch.long)) is None
+    assert relative_error(fused, layer(x)) < TOLERANCE[torch.float32]
+    monkeypatch.setenv("ORCD_KERNELS", "1")
+
+    ids = torch.tensor([[0, 3], [2, 3]], device="cuda")
+    for _ in range(2):  # compile outside the capture
+        layer(x), expert_linear(x, experts, ids)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = layer(x)
+        e_static = expert_linear(x, experts, ids)
+    x.copy_(torch.randn_like(x))
+    ids.copy_(torch.tensor([[1, 2], [0, 1]], device="cuda"))
+    graph.replay()
+    monkeypatch.setenv("ORCD_KERNELS", "0")
+    assert relative_error(y_static, layer(x)) < TOLERANCE[torch.float32], f"seed {seed}"
+    w = experts.dequantize().double()
+    ref = torch.stack([w[e] @ x[p // 2].double() for p, e in enumerate(ids.reshape(-1).tolist())])
+    assert relative_error(e_static, ref) < TOLERANCE[torch.float32], f"seed {seed}"
+
+
