@@ -340,3 +340,33 @@ def test_cuda_engine_matches_cpu(synth_model, plugins, file_type):
     chosen, expected, _ = well_conditioned_prompt(cpu, plugins, margin=0.04)
     events = run(Engine(gpu, plugins, n_ctx=256), request("g", chosen, 32, stop_token_ids=set()))["g"]
     assert tokens(events) == expected
+
+
+class _RefusingSampler(SamplerFactory):
+    """Fails while a request is being admitted (after its cache slot is taken) when asked to."""
+
+    name, order = "refuse_on_request", 5
+
+    def create(self, params: SamplingParams):
+        if params.extra.get("refuse"):
+            raise InvalidRequest("this sampler refuses the request", field="extra")
+        return None
+
+
+class _RefusingPlugin:
+    @orcd.hookimpl
+    def register_samplers(self, register):
+        register(_RefusingSampler())
+
+
+def test_a_request_failing_at_admission_gives_its_cache_slot_back(synth_model) -> None:
+    pm = make_plugin_manager("quant_formats", "llama_adapter")
+    pm.register(_RefusingPlugin(), name="refusing")
+    loaded = load_model(synth_model("qwen2", "F32"), "cpu", pm)
+    engine = Engine(loaded, pm, max_batch=1, n_ctx=64)
+    ids = prompt(loaded, 3, 10)
+    bad = request("bad", ids, sampling=SamplingParams(temperature=0.0, extra={"refuse": True}))
+    out = run(engine, bad, request("good", ids))
+    assert [e.reason for e in out["bad"]] == ["INVALID_REQUEST"]
+    assert isinstance(out["good"][-1], FinishEvent) and out["good"][-1].reason == "max_tokens"
+    assert engine.cache.free_slots == 1

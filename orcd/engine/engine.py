@@ -213,14 +213,17 @@ class Engine:
                     break
                 seq = self._waiting.popleft()
             seq.slot = self.cache.allocate()
-            seq.sampler = SamplerChain(self._factories, seq.request.sampling.model_copy(update={"seed": seq.seed}),
-                                       self.device)
-            seq.history = torch.zeros(self.n_ctx + 1, dtype=torch.long, device=self.device)
-            seq.history[: seq.n_prompt] = torch.tensor(seq.tokens, dtype=torch.long)
-            self._hook("request_started", RequestStarted(seq.request_id, seq.n_prompt, time.time()))
-            self._active.append(seq)
+            self._active.append(seq)  # from here on, _finish releases the slot whatever fails
             try:
+                seq.sampler = SamplerChain(self._factories,
+                                           seq.request.sampling.model_copy(update={"seed": seq.seed}), self.device)
+                seq.history = torch.zeros(self.n_ctx + 1, dtype=torch.long, device=self.device)
+                seq.history[: seq.n_prompt] = torch.tensor(seq.tokens, dtype=torch.long)
+                self._hook("request_started", RequestStarted(seq.request_id, seq.n_prompt, time.time()))
                 self._prefill(seq)
+            except torch.cuda.OutOfMemoryError as e:
+                self._fail([seq], VramOOM(f"the GPU ran out of memory admitting request {seq.request_id!r}: {e}"),
+                           events)
             except OrcdError as e:
                 self._fail([seq], e, events)
 
