@@ -93,6 +93,17 @@ class OrcdPluginManager:
             if impl.plugin_name == name:
                 impl.function(register=self._registrar("sampler", name))
 
+    def unregister(self, name: str) -> None:
+        """Remove a plugin, its hook implementations and everything it registered."""
+        if self.info.pop(name, None) is None:
+            raise PluginError(f"no plugin named {name!r} is registered")
+        self.pm.unregister(name=name)
+        tables = {"architecture": self.architectures, "quant format": self.quant_formats, "sampler": self.samplers}
+        for (kind, key), owner in list(self._owner.items()):
+            if owner == name:
+                del self._owner[(kind, key)]
+                tables[kind].pop(key, None)
+
     def _registrar(self, kind: str, plugin_name: str) -> Callable[[Any], None]:
         def register(item: Any) -> None:
             if kind == "architecture":

@@ -185,3 +185,14 @@ def test_a_plugin_that_fails_to_import_is_named(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [_BrokenEntryPoint()])
     with pytest.raises(PluginError, match=r"plugin 'broken'.*torchvision"):
         OrcdPluginManager()
+
+
+def test_unregister_removes_the_plugin_and_what_it_registered() -> None:
+    pm = OrcdPluginManager(load_entry_points=False)
+    pm.register(_ArchPlugin(), name="first")
+    pm.unregister("first")
+    assert "dummy" not in pm.architectures and "first" not in pm.info
+    pm.register(_ArchPlugin(), name="second")  # the name is free again: no clash with the removed plugin
+    assert pm.info["second"].architectures == ["dummy"]
+    with pytest.raises(PluginError, match="no plugin named 'first'"):
+        pm.unregister("first")
