@@ -232,18 +232,24 @@ def test_cuda_linear(formats: dict[str, QuantFormat], name: str, m: int, dtype: 
 
 
 @gpu_test
+@pytest.mark.parametrize("path", ["fma-f32", "dot-f16"])
 @pytest.mark.parametrize("name", KERNEL_FORMATS)
 @pytest.mark.usefixtures("kernels_on")
-def test_cuda_tiles_bit_exact(formats: dict[str, QuantFormat], name: str) -> None:
+def test_cuda_tiles_bit_exact(formats: dict[str, QuantFormat], name: str, path: str) -> None:
+    """One-hot rows return the decoded weights: fp32 through the elementwise path, fp16 through tl.dot (the
+    weights rounded to fp16 as the reference path rounds them; fp32 tl.dot is not exact, it uses TF32 products)."""
     matmul = matmul_module()
     fmt = formats[name]
     rng, seed = fresh_rng()
     K, N = 512, 37
     raw, w = random_weight(fmt, (N, K), rng)
-    eye = torch.eye(K, device="cuda")
-    got = matmul.linear(eye, torch.from_numpy(raw).cuda(), int(fmt.ggml_type), N, K,
-                        config=matmul.Config(bm=64, bn=32, step=64, dot=True))
-    assert np.array_equal(got.T.cpu().numpy(), w.astype(np.float32)), f"{name} (seed {seed})"
+    if path == "fma-f32":
+        eye, config, expected = torch.eye(K, device="cuda"), matmul.Config(bm=4, bn=32, step=128, dot=False), w
+    else:
+        eye, config = torch.eye(K, device="cuda", dtype=torch.float16), matmul.Config(bm=64, bn=32, step=64, dot=True)
+        expected = w.astype(np.float32).astype(np.float16)
+    got = matmul.linear(eye, torch.from_numpy(raw).cuda(), int(fmt.ggml_type), N, K, config=config)
+    assert np.array_equal(got.T.cpu().numpy(), expected.astype(got.cpu().numpy().dtype)), f"{name} (seed {seed})"
 
 
 @gpu_test

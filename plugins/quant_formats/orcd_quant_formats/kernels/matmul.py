@@ -22,7 +22,9 @@ run it under ``TRITON_INTERPRET=1``; ``orcd_quant_formats.kernels`` decides when
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import gguf
@@ -31,7 +33,13 @@ import triton
 import triton.language as tl
 
 from orcd_quant_formats.kernels.kquants import q4_k_tile, q5_k_tile, q6_k_tile
-from orcd_quant_formats.kernels.legacy import q4_0_tile, q4_1_tile, q5_0_tile, q5_1_tile, q8_0_tile
+from orcd_quant_formats.kernels.legacy import (
+    q4_0_tile,
+    q4_1_tile,
+    q5_0_tile,
+    q5_1_tile,
+    q8_0_tile,
+)
 from orcd_quant_formats.kernels.mxfp4 import mxfp4_tile
 
 T = gguf.GGMLQuantizationType
@@ -209,6 +217,11 @@ def pick_config(spec: Spec, rows: int, N: int, K: int) -> Config:
     return Config(bm=bm, bn=bn, step=64, dot=True, warps=8 if bm * bn >= 128 * 128 else 4, stages=2)
 
 
+@functools.lru_cache(maxsize=4096)
+def _picked(ggml_type: int, rows: int, N: int, K: int) -> Config:
+    return pick_config(SPECS[ggml_type], rows, N, K)
+
+
 _SM_COUNT: dict[torch.device, int] = {}
 
 
@@ -245,7 +258,24 @@ def _checked(spec: Spec, cfg: Config, K: int) -> Config:
 
 
 def _dot_precision(x: torch.Tensor) -> str:
-    return "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """fp32 ``x``: TF32 where torch allows it for its own matmuls, else three TF32 products per term (about fp32
+    accuracy at tensor-core speed; ``ieee`` if this Triton cannot compile that)."""
+    if x.dtype != torch.float32:
+        return "ieee"  # unused: 16-bit operands have one precision
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee" if x.device.type != "cuda" or _NO_TF32X3 else "tf32x3"
+
+
+_NO_TF32X3: set[str] = set()  # non-empty once tf32x3 failed to compile here
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(ggml_type: int, cfg: Config, m_blocks: int, N: int, K: int, device: torch.device) -> tuple[Config, int, int]:
+    """The checked configuration, number of K splits and K chunk of one launch (cached: decode calls repeat)."""
+    cfg = _checked(SPECS[ggml_type], cfg, K)
+    split, k_chunk = _split(cfg, m_blocks * triton.cdiv(N, cfg.bn), K, device)
+    return cfg, split, k_chunk
 
 
 def _launch(
@@ -253,24 +283,35 @@ def _launch(
     cfg: Config, m_blocks: int, out_rows: int, grouped: tuple[torch.Tensor, ...] | None = None, x_div: int = 1,
     expert_stride: int = 0, bias_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    cfg, split, k_chunk = _plan(ggml_type, cfg, m_blocks, N, K, x.device)
     spec = SPECS[ggml_type]
-    cfg = _checked(spec, cfg, K)
-    n_blocks = triton.cdiv(N, cfg.bn)
-    split, k_chunk = _split(cfg, m_blocks * n_blocks, K, x.device)
     partial = split > 1
     if partial:
         out = torch.empty((split, out_rows, N), dtype=torch.float32, device=x.device)
     else:
         out = torch.empty((out_rows, N), dtype=x.dtype, device=x.device)
     meta = grouped if grouped is not None else (x, x, x, x)  # unused pointers when not grouped
-    qmm_kernel[(m_blocks, n_blocks, split)](
-        x, data, bias if bias is not None else x, out, *meta,
-        x.shape[0], N, K, x.stride(0), data.stride(0), expert_stride, out.stride(-2), k_chunk, out_rows * N,
-        FMT=ggml_type, G=cfg.step // spec.group, L=spec.group, BM=cfg.bm, BN=cfg.bn,
-        USE_DOT=cfg.dot, X_F32=x.dtype == torch.float32, PRECISION=_dot_precision(x),
-        GROUPED=grouped is not None, X_DIV=x_div, HAS_BIAS=bias is not None, PARTIAL=partial,
-        num_warps=cfg.warps, num_stages=cfg.stages,
-    )
+    precision = _dot_precision(x)
+
+    def launch(precision: str) -> None:
+        qmm_kernel[(m_blocks, triton.cdiv(N, cfg.bn), split)](
+            x, data, bias if bias is not None else x, out, *meta,
+            x.shape[0], N, K, x.stride(0), data.stride(0), expert_stride, out.stride(-2), k_chunk, out_rows * N,
+            FMT=ggml_type, G=cfg.step // spec.group, L=spec.group, BM=cfg.bm, BN=cfg.bn,
+            USE_DOT=cfg.dot, X_F32=x.dtype == torch.float32, PRECISION=precision,
+            GROUPED=grouped is not None, X_DIV=x_div, HAS_BIAS=bias is not None, PARTIAL=partial,
+            num_warps=cfg.warps, num_stages=cfg.stages,
+        )
+
+    if precision == "tf32x3" and cfg.dot:
+        try:
+            launch(precision)
+        except Exception as e:  # noqa: BLE001 -- a Triton without tf32x3 for this dot: IEEE products instead
+            _NO_TF32X3.add(f"{type(e).__name__}: {e}".splitlines()[0])
+            warnings.warn(f"fp32 tl.dot with tf32x3 failed ({next(iter(_NO_TF32X3))}); using ieee", stacklevel=2)
+            launch("ieee")
+    else:
+        launch(precision)
     if not partial:
         return out
     result = out.sum(dim=0)
@@ -296,8 +337,7 @@ def linear(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    spec = SPECS[ggml_type]
-    cfg = config or pick_config(spec, M, N, K)
+    cfg = config or _picked(ggml_type, M, N, K)
     out = _launch(x2, data, ggml_type, N, K, bias, cfg, triton.cdiv(M, cfg.bm), M)
     return out.reshape(*x.shape[:-1], N)
 
@@ -325,8 +365,8 @@ def expert_blocks(ids: torch.Tensor, n_expert: int, bm: int) -> tuple[torch.Tens
     start = pair_end[e] - counts[e] + (b - (block_end[e] - n_blocks[e])) * bm
     end = torch.minimum(start + bm, pair_end[e])
     zero = torch.zeros_like(start)
-    as32 = lambda t: t.to(torch.int32)  # noqa: E731
-    return as32(e), as32(torch.where(used, start, zero)), as32(torch.where(used, end, zero)), as32(order)
+    start, end = torch.where(used, start, zero), torch.where(used, end, zero)
+    return tuple(t.to(torch.int32) for t in (e, start, end, order))
 
 
 def expert_linear(
@@ -346,8 +386,7 @@ def expert_linear(
         raise ValueError(f"{P} expert ids for {x2.shape[0]} rows of x ({per_row} per row)")
     if P == 0:
         return x.new_empty(0, N)
-    spec = SPECS[ggml_type]
-    cfg = config or pick_config(spec, math.ceil(P / min(n_expert, P)), N, K)
+    cfg = config or _picked(ggml_type, math.ceil(P / min(n_expert, P)), N, K)
     table = expert_blocks(ids, n_expert, cfg.bm)
     flat = ids.reshape(-1).long() if bias is not None else None
     return _launch(x2, data, ggml_type, N, K, bias, cfg, table[0].numel(), P, grouped=table, x_div=per_row,

@@ -1,0 +1,332 @@
+"""Fused dequantize-matmul kernels beside the reference path (dequantize, then ``torch.matmul``), on CUDA.
+
+``python -m orcd.bench.kernels [--types Q4_K,MXFP4] [--shapes 896x896,...] [--m 1,512] [--dtype float16]
+[--no-moe] [--sweep] [--json]``
+
+For each format and weight shape ``N x K`` (output rows x row length: Qwen2.5-0.5B's projections and LM head,
+GPT-OSS-20B's 2880 x 2880 expert), ``x`` of ``M`` rows is multiplied by the weight through the format's fused
+kernel (``QuantFormat.linear``) and through ``orcd.quant.reference_linear``. Shapes whose row length is not a
+multiple of the format's block are skipped (K-quants need 256: only 896 x 4864 of Qwen2.5-0.5B qualifies).
+
+Timing: ``torch.cuda.Event`` around replays of a CUDA graph that holds one call per weight copy; the copies together
+exceed 4x the L2 cache, so weights come from device memory as they would in a model; the median over ``--repeat``
+replays, divided by the calls per replay, after warm-up (compilation included there). A graph removes Python's
+launch overhead, which the decode step will also remove. GB/s counts the weight bytes read once per call (the
+kernels' minimum traffic) against the measured device-to-device copy bandwidth (bytes read + written per second),
+TFLOP/s counts ``2 M N K``. The mixture-of-experts rows run GPT-OSS-20B's expert tensor (32 x 2880 x 2880, MXFP4,
+top-4) for 1 token (decode) and 512 tokens (prefill) through ``orcd_quant_formats.kernels.expert_linear`` beside
+the reference: the chosen experts decoded and multiplied in one batched matmul (decode; what ``moe.py`` does now),
+or once per chosen expert (prefill; eager, since that path syncs with the host). ``--sweep`` times a grid of kernel
+launch configurations for each format and shape, for tuning ``pick_config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from orcd.bench.dequant import copy_bandwidth
+from orcd.plugins import OrcdPluginManager, get_plugin_manager
+from orcd.quant import QuantFormat, QuantizedTensor, reference_linear
+
+DEFAULT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
+DEFAULT_SHAPES = ((896, 896), (4864, 896), (896, 4864), (151936, 896), (2880, 2880))
+DEFAULT_M = (1, 512)
+MOE_SHAPE = (32, 2880, 2880)  # GPT-OSS-20B: experts, rows, columns (each of gate, up, down)
+MOE_TOP_K = 4
+MOE_TOKENS = (1, 512)
+MAX_COPIES = 512
+
+
+@dataclass
+class Row:
+    kind: str  # "linear" or "moe"
+    type: str
+    n: int
+    k: int
+    m: int  # rows of x (linear) or tokens (moe)
+    weight_bytes: int  # bytes one call must read
+    fused_s: float | None
+    reference_s: float | None
+    timing: str  # "graph" or "eager"
+    calls_per_replay: int
+    note: str = ""
+    flops: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        pairs = self.m * (MOE_TOP_K if self.kind == "moe" else 1)
+        self.flops = 2.0 * pairs * self.n * self.k
+
+
+def _events_median(run: Callable[[], object], calls: int, repeat: int) -> float:
+    for _ in range(3):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeat):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def time_calls(fns: Sequence[Callable[[], object]], repeat: int, graph: bool = True) -> tuple[float, str]:
+    """Median seconds per call of ``fns`` (run in turn), replayed from a CUDA graph when ``graph``."""
+    for fn in fns:  # compile and allocate outside the capture
+        fn()
+    torch.cuda.synchronize()
+    if not graph:
+        return _events_median(lambda: [fn() for fn in fns], len(fns), repeat), "eager"
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in fns:
+            fn()
+    try:
+        return _events_median(g.replay, len(fns), repeat), "graph"
+    finally:
+        del g
+        torch.cuda.empty_cache()
+
+
+def _copies(n_bytes: int, device: torch.device) -> int:
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return max(1, min(MAX_COPIES, math.ceil(4 * l2 / n_bytes)))
+
+
+def _weights(fmt: QuantFormat, shape: tuple[int, ...], copies: int, device: torch.device,
+             rng: np.random.Generator) -> list[QuantizedTensor]:
+    """``copies`` tensors of ``shape``: one random set of blocks, copied on the device (drawing is slow)."""
+    rows, k = math.prod(shape[:-1]), shape[-1]
+    raw = fmt.random_blocks(rows * k // fmt.block_size, rng, scale=0.02)
+    first = QuantizedTensor.from_raw(f"bench.{fmt.name}", raw, fmt, shape, device)
+    return [first] + [QuantizedTensor(first.name, first.data.clone(), fmt, shape) for _ in range(copies - 1)]
+
+
+def bench_linear(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: torch.device,
+                 repeat: int, rng: np.random.Generator) -> Row:
+    bytes_one = n * fmt.row_bytes(k)
+    copies = _copies(bytes_one, device)
+    weights = _weights(fmt, (n, k), copies, device, rng)
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    if fmt.linear(x, weights[0], None) is None:
+        fused_s, mode, note = None, "-", "no kernel"
+    else:
+        fused_s, mode = time_calls([lambda w=w: fmt.linear(x, w, None) for w in weights], repeat)
+        note = ""
+    ref_weights = weights[: max(1, min(copies, 64))]  # the reference is slow: fewer calls per replay
+    reference_s, _ = time_calls([lambda w=w: reference_linear(x, w, None) for w in ref_weights], repeat)
+    del weights, ref_weights
+    return Row("linear", fmt.name, n, k, m, bytes_one, fused_s, reference_s, mode, copies, note)
+
+
+def bench_moe(fmt: QuantFormat, tokens: int, dtype: torch.dtype, device: torch.device, repeat: int,
+              rng: np.random.Generator) -> Row:
+    from orcd_quant_formats.kernels import expert_linear
+
+    n_expert, n, k = MOE_SHAPE
+    (weight,) = _weights(fmt, MOE_SHAPE, 1, device, rng)
+    calls = 16  # different expert choices per call, so the chosen experts are not all in L2
+    ids = [torch.rand(tokens, n_expert, device=device).topk(MOE_TOP_K, dim=-1).indices for _ in range(calls)]
+    x = torch.randn(tokens, k, device=device, dtype=dtype)
+    expert_bytes = weight.nbytes // n_expert
+    distinct = statistics.mean(len(set(i.reshape(-1).tolist())) for i in ids)
+    if expert_linear(x, weight, ids[0]) is None:
+        fused_s, mode = None, "-"
+    else:
+        fused_s, mode = time_calls([lambda i=i: expert_linear(x, weight, i) for i in ids], repeat)
+    if tokens * MOE_TOP_K <= n_expert:
+        reference_s, _ = time_calls([lambda i=i: _moe_gathered(x, weight, i) for i in ids], repeat)
+    else:
+        reference_s, _ = time_calls([lambda i=i: _moe_grouped(x, weight, i) for i in ids[:2]], max(3, repeat // 4),
+                                    graph=False)
+    return Row("moe", fmt.name, n, k, tokens, int(distinct * expert_bytes), fused_s, reference_s, mode, calls,
+               f"{distinct:.1f} experts/call")
+
+
+def _moe_gathered(x: torch.Tensor, weight: QuantizedTensor, ids: torch.Tensor) -> torch.Tensor:
+    """The decode reference: the chosen experts' blocks gathered, decoded at once, one batched matmul."""
+    n_expert, n, k = weight.shape
+    flat = ids.reshape(-1)
+    blocks = weight.data.view(n_expert, n, -1).index_select(0, flat).reshape(-1, weight.fmt.type_size)
+    w = weight.fmt.dequantize(blocks).view(flat.numel(), n, k).to(x.dtype)
+    return torch.bmm(w, x.repeat_interleave(ids.shape[-1], 0).unsqueeze(-1)).squeeze(-1)
+
+
+def _moe_grouped(x: torch.Tensor, weight: QuantizedTensor, ids: torch.Tensor) -> torch.Tensor:
+    """The prefill reference: pairs sorted by expert, each chosen expert decoded once (tile by tile)."""
+    n_expert, n, k = weight.shape
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_expert).tolist()
+    out = x.new_empty(flat.numel(), n)
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            pairs = order[start:start + count]
+            start += count
+            w = QuantizedTensor(weight.name, weight.data[e * n:(e + 1) * n], weight.fmt, (n, k))
+            out.index_copy_(0, pairs, reference_linear(x.index_select(0, pairs // ids.shape[-1]), w, None))
+    return out
+
+
+def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: torch.device, repeat: int,
+          rng: np.random.Generator) -> list[dict]:
+    """Seconds per call of every launch configuration in a grid (the GEMV grid for ``m <= 4``, else tl.dot)."""
+    from orcd_quant_formats.kernels import matmul
+
+    spec = matmul.SPECS[int(fmt.ggml_type)]
+    bytes_one = n * fmt.row_bytes(k)
+    weights = _weights(fmt, (n, k), _copies(bytes_one, device), device, rng)
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    default = matmul.pick_config(spec, m, n, k)
+    if m <= matmul.FMA_MAX_ROWS:
+        grid = [matmul.Config(bm=default.bm, bn=bn, step=step, dot=False, split=split, warps=warps)
+                for bn in (4, 8, 16, 32) for step in (128, 256, 512) for warps in (2, 4, 8) for split in (0, 1)]
+    else:
+        grid = [matmul.Config(bm=bm, bn=bn, step=step, dot=True, split=0, warps=warps, stages=stages)
+                for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128), (128, 256))
+                for step in (32, 64, 128) for warps in (4, 8) for stages in (2, 3)]
+    results = []
+    for cfg in [default, *grid]:
+        if cfg.step > spec.super_block and spec.super_block > 32 or cfg.step % spec.group:
+            continue
+        fns = [lambda w=w, cfg=cfg: matmul.linear(x, w.data, int(fmt.ggml_type), n, k, None, config=cfg)
+               for w in weights]
+        try:
+            seconds, _ = time_calls(fns, repeat)
+        except Exception as e:  # noqa: BLE001 -- a configuration the compiler refuses (registers, shared memory): note and go on
+            results.append({"config": asdict(cfg), "seconds": None, "error": str(e).splitlines()[0][:120]})
+            continue
+        results.append({"config": asdict(cfg), "seconds": seconds, "default": cfg is default})
+    return results
+
+
+def run(
+    types: Sequence[str] = DEFAULT_TYPES,
+    shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
+    ms: Sequence[int] = DEFAULT_M,
+    dtype: torch.dtype = torch.float16,
+    repeat: int = 20,
+    moe: bool = True,
+    do_sweep: bool = False,
+    plugins: OrcdPluginManager | None = None,
+    device: str = "cuda",
+    seed: int = 0,
+) -> dict:
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError("the kernel benchmark needs a CUDA device")
+    plugins = plugins or get_plugin_manager()
+    by_name = {f.name: f for f in plugins.quant_formats.values()}
+    missing = [t for t in types if t not in by_name]
+    if missing:
+        raise ValueError(f"no registered format for {', '.join(missing)}")
+    rng = np.random.default_rng(seed)
+    copy_gbps = copy_bandwidth(dev)
+    rows, sweeps = [], []
+    with torch.inference_mode():
+        for name in types:
+            fmt = by_name[name]
+            for n, k in shapes:
+                if k % fmt.block_size:
+                    continue
+                for m in ms:
+                    rows.append(bench_linear(fmt, n, k, m, dtype, dev, repeat, rng))
+                    if do_sweep:
+                        sweeps.append({"type": name, "n": n, "k": k, "m": m,
+                                       "results": sweep(fmt, n, k, m, dtype, dev, repeat, rng)})
+        if moe and "MXFP4" in by_name:
+            for tokens in MOE_TOKENS:
+                rows.append(bench_moe(by_name["MXFP4"], tokens, dtype, dev, repeat, rng))
+    return {
+        "device_name": torch.cuda.get_device_name(dev),
+        "dtype": str(dtype).removeprefix("torch."),
+        "copy_gbps": copy_gbps,
+        "rows": [asdict(r) for r in rows],
+        "sweeps": sweeps,
+    }
+
+
+def format_table(report: dict) -> str:
+    copy = report["copy_gbps"]
+    lines = [
+        (f"{report['device_name']}, x {report['dtype']}; device-to-device copy {copy:.0f} GB/s (read + write); "
+         "times per call from CUDA-graph replays, weights from device memory (copies > 4x L2)"),
+        ("GB/s: weight bytes read per call / time (% of copy bandwidth); TFLOP/s: 2 M N K / time; "
+         "ref = dequantize + torch.matmul"),
+        (f"{'kind':<6} {'type':<6} {'N x K':>13} {'M':>4} {'MiB':>7} {'fused us':>9} {'GB/s':>6} {'%copy':>6} "
+         f"{'TFLOP/s':>8} {'ref us':>9} {'ref GB/s':>8} {'ref TF/s':>8} {'x ref':>6}  note"),
+    ]
+    for r in report["rows"]:
+        f, ref = r["fused_s"], r["reference_s"]
+        gb = r["weight_bytes"] / f / 1e9 if f else None
+        ref_gb = r["weight_bytes"] / ref / 1e9 if ref else None
+
+        def num(v: float | None, fmt: str) -> str:
+            return "-" if v is None else format(v, fmt)
+
+        lines.append(
+            f"{r['kind']:<6} {r['type']:<6} {r['n']:>6}x{r['k']:<6} {r['m']:>4} {r['weight_bytes'] / 2**20:>7.1f} "
+            f"{num(f and f * 1e6, '9.1f'):>9} {num(gb, '6.0f'):>6} {num(gb and gb / copy, '.0%'):>6} "
+            f"{num(f and r['flops'] / f / 1e12, '8.1f'):>8} {num(ref and ref * 1e6, '9.1f'):>9} "
+            f"{num(ref_gb, '8.0f'):>8} {num(ref and r['flops'] / ref / 1e12, '8.1f'):>8} "
+            f"{num(f and ref and ref / f, '6.1f'):>6}  {r['note']}"
+        )
+    for s in report["sweeps"]:
+        ok = sorted((x for x in s["results"] if x["seconds"]), key=lambda x: x["seconds"])
+        default = next((x for x in s["results"] if x.get("default")), None)
+        rank = ok.index(default) + 1 if default in ok else None
+        lines.append(f"sweep {s['type']} {s['n']}x{s['k']} M={s['m']}: default "
+                     f"{default['seconds'] * 1e6 if default and default['seconds'] else float('nan'):.1f} us "
+                     f"(rank {rank} of {len(ok)}); best:")
+        for x in ok[:5]:
+            lines.append(f"    {x['seconds'] * 1e6:8.1f} us  {x['config']}")
+        for x in s["results"]:
+            if x.get("error"):
+                lines.append(f"    failed {x['config']}: {x['error']}")
+    return "\n".join(lines)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    n, k = text.lower().split("x")
+    return int(n), int(k)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orcd.bench.kernels", description=__doc__.split("\n")[0])
+    parser.add_argument("--types", default=",".join(DEFAULT_TYPES), help="comma-separated ggml type names")
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in DEFAULT_SHAPES),
+                        help="weight shapes NxK (output rows x row length), comma-separated")
+    parser.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="rows of x, comma-separated")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--repeat", type=int, default=20, help="timed graph replays per measurement (median)")
+    parser.add_argument("--no-moe", action="store_true", help="skip the GPT-OSS mixture-of-experts rows")
+    parser.add_argument("--sweep", action="store_true", help="also time a grid of launch configurations")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    args = parser.parse_args(argv)
+    report = run(
+        types=[t.strip().upper() for t in args.types.split(",") if t.strip()],
+        shapes=[_shape(s) for s in args.shapes.split(",") if s.strip()],
+        ms=[int(m) for m in args.m.split(",")],
+        dtype=getattr(torch, args.dtype), repeat=args.repeat, moe=not args.no_moe, do_sweep=args.sweep,
+    )
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        print()
+    else:
+        print(format_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""``python -m orcd.bench.kernels``: the table's arithmetic (anywhere) and a short run on CUDA (gpu-marked)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict
+
+import pytest
+
+from conftest import make_plugin_manager
+from orcd.bench import kernels
+
+
+def test_table_arithmetic() -> None:
+    rows = [
+        kernels.Row("linear", "Q4_K", 896, 4864, 1, 2_000_000, 2e-6, 40e-6, "graph", 64),
+        kernels.Row("linear", "Q8_0", 896, 896, 512, 1_000_000, 1e-4, None, "graph", 64),
+        kernels.Row("moe", "MXFP4", 2880, 2880, 1, 4_000_000, 4e-6, None, "graph", 16, "4.0 experts/call"),
+    ]
+    report = {"device_name": "test", "dtype": "float16", "copy_gbps": 2000.0, "rows": [asdict(r) for r in rows],
+              "sweeps": []}
+    lines = kernels.format_table(report).splitlines()
+    gemv, gemm, moe = lines[3].split(), lines[4].split(), lines[5].split()
+    # fused us, GB/s (2 MB / 2 us), % of copy bandwidth, TFLOP/s (2 M N K / time)
+    assert gemv[5:9] == ["2.0", "1000", "50%", f"{2 * 896 * 4864 / 2e-6 / 1e12:.1f}"]
+    assert gemv[-1] == "20.0"  # x ref: 40 us / 2 us
+    assert gemm[8] == f"{2 * 512 * 896 * 896 / 1e-4 / 1e12:.1f}" and gemm[9:13] == ["-", "-", "-", "-"]
+    assert moe[8] == f"{2 * 4 * 2880 * 2880 / 4e-6 / 1e12:.1f}"  # one token through top-4 experts
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_short_run_on_cuda() -> None:
+    report = kernels.run(types=["Q4_0", "Q4_K"], shapes=[(300, 512), (300, 896)], ms=[1, 33], repeat=3,
+                         plugins=make_plugin_manager("quant_formats"))
+    rows = report["rows"]
+    # Q4_K skips the 896-long rows (not whole super-blocks); MoE rows for 1 and 512 tokens.
+    assert [(r["kind"], r["type"], r["k"], r["m"]) for r in rows] == [
+        ("linear", "Q4_0", 512, 1), ("linear", "Q4_0", 512, 33), ("linear", "Q4_0", 896, 1),
+        ("linear", "Q4_0", 896, 33), ("linear", "Q4_K", 512, 1), ("linear", "Q4_K", 512, 33),
+        ("moe", "MXFP4", 2880, 1), ("moe", "MXFP4", 2880, 512)]
+    assert all(r["fused_s"] and r["fused_s"] > 0 and r["reference_s"] > 0 for r in rows)
+    assert report["copy_gbps"] > 100
+    print(kernels.format_table(report))
