@@ -93,3 +93,34 @@ def test_unknown_preset_and_file_type_are_clear_errors(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "orcd.cli", "synth", "--arch", "qwen2", "--preset", "huge",
                         "-o", str(tmp_path / "x.gguf")], capture_output=True, text=True)
     assert r.returncode == 1 and "no preset 'huge'" in r.stderr
+
+
+LLAMA_FTYPES = {"Q4_K_M": 15, "Q4_0": 2, "Q8_0": 7, "MXFP4": 38}
+
+
+@pytest.mark.parametrize("arch,file_type", [(a, f) for a in ("qwen2", "phi3", "gpt-oss") for f in
+                                            ("Q4_K_M", "Q4_0", "Q8_0")] + [("gpt-oss", "MXFP4")])
+def test_llama_cpp_quantizer_chooses_the_same_types(synth_model, plugins, tmp_path: Path, arch: str,
+                                                    file_type: str) -> None:
+    """Our F32 file quantized by llama.cpp's own tool holds exactly the ggml types our writer gives each tensor:
+    a synthetic file and a llama.cpp-made one are alike to the loader."""
+    import ctypes
+    import os
+
+    llama_cpp = require_reference("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[file_type]
+    converted = tmp_path / f"{arch}-{file_type}.gguf"
+    saved = os.dup(2)  # the quantizer logs every tensor on stderr
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(synth_model(arch, "F32")).encode(), str(converted).encode(),
+                                            ctypes.byref(params))
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    assert rc == 0
+    theirs, _ = open_checked(converted, plugins)
+    ours, _ = open_checked(synth_model(arch, file_type), plugins)
+    assert {n: t.type_name for n, t in ours.tensors.items()} == {n: t.type_name for n, t in theirs.tensors.items()}
+    assert {n: t.shape for n, t in ours.tensors.items()} == {n: t.shape for n, t in theirs.tensors.items()}

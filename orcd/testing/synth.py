@@ -44,7 +44,8 @@ def synthesize(
     spec: SynthSpec = arch.synth_spec(preset)
     n_layers = max((t.layer for t in spec.tensors if t.layer is not None), default=-1) + 1
     tied = not any(t.role == "output" for t in spec.tensors)
-    types = {t.name: tensor_type(file_type, t, n_layers, tied) for t in spec.tensors}
+    n_expert = max((t.shape[0] for t in spec.tensors if t.role.startswith("expert_")), default=0)
+    types = {t.name: tensor_type(file_type, t, n_layers, tied, n_expert) for t in spec.tensors}
     formats = {name: plugins.quant_format(int(q), name) for name, q in types.items()}
     if from_values is None:
         from_values = sum(math.prod(t.shape) for t in spec.tensors) <= VALUES_MAX_PARAMS
