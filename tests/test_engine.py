@@ -317,14 +317,15 @@ def test_streamed_text_is_the_decoded_text(qwen, plugins, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("file_type", ["F32", "Q4_K_M"])
-def test_cuda_engine_matches_cpu(synth_model, plugins, file_type):
+@pytest.mark.parametrize("file_type", ["F32", "Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+def test_cuda_engine_matches_cpu(synth_model, plugins, arch, file_type):
     """On CUDA (FP16 KV cache) the prompt logits stay within 2e-2 of the CPU's FP32 run (FP16 keys and values
     carry ~1e-3 relative error into attention) and greedy decoding through the engine gives the same tokens on
     a prompt whose top-2 gaps are wide."""
     from reference_llama import prompt_logits, well_conditioned_prompt
 
-    path = synth_model("phi3", file_type)
+    path = synth_model(arch, file_type)
     cpu = load_model(path, "cpu", plugins)
     gpu = load_model(path, "cuda", plugins)
     ids = prompt(cpu, 15, 80)
