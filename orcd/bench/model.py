@@ -1,12 +1,17 @@
 """Model throughput: prompt processing, batch-1 decode, time to first token and device memory — for orcd and, in the
 same run on the same file, llama.cpp (through ``llama-cpp-python``) when it is installed.
 
-``orcd bench model --model FILE [--device cuda] [--prompt-tokens 512] [--decode-tokens 128] [--json]``
+``orcd bench model --model FILE [--device cuda] [--prompt-tokens 512] [--decode-tokens 128] [--streams 1,8,32]
+[--peer llama.cpp,transformers] [--json]``
 
 Both engines get the same random prompt (token ids drawn from the non-special part of the vocabulary). orcd runs its
 engine greedily with end-of-generation tokens disabled so exactly ``--decode-tokens`` tokens are produced; llama.cpp
 evaluates the prompt, then one token at a time the same number of times (the token fed does not change the work).
 Decode tokens/s counts the tokens after the first (the first comes out of the prompt pass), as llama.cpp does.
+With ``--streams N`` (N > 1) orcd runs N requests at once through the engine's batched step and reports the
+aggregate decode tokens/s from the moment every stream has its first token to the end. The bandwidth limit is
+the device's copy bandwidth over the bytes one decode step must read (the weights a token touches — for a
+mixture of experts only the experts it selects — plus its KV cache).
 """
 
 from __future__ import annotations
@@ -74,6 +79,91 @@ def bench_orcd(path: str, device: str, prompt_tokens: int, decode_tokens: int, r
                        (decode_tokens - 1) / best.decode_time_s, memory, peak)
 
 
+def bench_orcd_streams(path: str, device: str, prompt_tokens: int, decode_tokens: int, streams: int) -> ModelResult:
+    """``streams`` requests decoding together: aggregate decode tokens/s once all have their first token."""
+    from orcd.engine import Engine, FinishEvent, GenerationRequest, TokenEvent
+    from orcd.loader import load_model
+    from orcd.plugins import get_plugin_manager
+    from orcd.sampling import SamplingParams
+
+    plugins = get_plugin_manager()
+    loaded = load_model(path, device=device, plugins=plugins)
+    engine = Engine(loaded, plugins, max_batch=streams, n_ctx=prompt_tokens + decode_tokens)
+    best = None
+    for i in range(2):  # a warm-up round, then the measured one
+        for n in range(streams):
+            engine.add_request(GenerationRequest(
+                request_id=f"s{i}-{n}", prompt_ids=random_prompt(loaded.tokenizer, prompt_tokens, seed=n),
+                max_tokens=decode_tokens, sampling=SamplingParams(temperature=0.0), stop_token_ids=set()))
+        started, first_all, firsts, generated, done = time.perf_counter(), None, set(), 0, 0
+        while done < streams:
+            for event in engine.step():
+                if isinstance(event, TokenEvent):
+                    firsts.add(event.request_id)
+                    if first_all is not None:
+                        generated += 1
+                elif isinstance(event, FinishEvent):
+                    if event.error is not None:
+                        raise event.error
+                    done += 1
+            if first_all is None and len(firsts) == streams:
+                first_all = time.perf_counter()
+        _sync(torch.device(device))
+        elapsed = time.perf_counter() - (first_all or started)
+        best = (first_all - started, generated / elapsed)
+    peak = torch.cuda.max_memory_allocated(torch.device(device)) if device.startswith("cuda") else None
+    return ModelResult(f"orcd x{streams}", device, prompt_tokens, decode_tokens, loaded.load_seconds, best[0],
+                       streams * prompt_tokens / best[0], best[1], None, peak)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bytes_per_token(path: str, context_tokens: int) -> int:
+    """Bytes one decode step reads: every weight a token uses (the selected share of expert tensors) + its KV cache."""
+    from orcd.description import open_checked
+    from orcd.plugins import get_plugin_manager
+
+    model, config = open_checked(path, get_plugin_manager())
+    used = getattr(config, "expert_used_count", 0)
+    total = getattr(config, "expert_count", 0)
+    weights = 0
+    for t in model.tensors.values():
+        expert = total and len(t.shape) >= 2 and t.shape[0] == total and "_exps" in t.name
+        weights += t.n_bytes * used // total if expert else t.n_bytes
+    return weights + config.kv_cache_bytes(context_tokens)
+
+
+def bench_transformers(path: str, device: str, prompt_tokens: int, decode_tokens: int, prompt: list[int]) -> ModelResult:
+    """Hugging Face transformers loading the same GGUF (it dequantizes to bf16) and generating greedily."""
+    import transformers
+
+    p = os.path.abspath(path)
+    started = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(p), gguf_file=os.path.basename(p),
+                                                              dtype=torch.bfloat16).to(device).eval()
+    load_s = time.perf_counter() - started
+    ids = torch.tensor([prompt], device=device)
+    dev = torch.device(device)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+        _sync(dev)
+        t0 = time.perf_counter()
+        model(ids)
+        _sync(dev)
+        t1 = time.perf_counter()
+        model.generate(ids, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
+        _sync(dev)
+        t2 = time.perf_counter()
+    prompt_s = t1 - t0
+    decode_s = max(t2 - t1 - prompt_s, 1e-9)  # generate re-runs the prompt pass first
+    memory = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
+    return ModelResult("transformers", device, prompt_tokens, decode_tokens, load_s, prompt_s,
+                       prompt_tokens / prompt_s, (decode_tokens - 1) / decode_s, memory, None)
+
+
 def bench_llama_cpp(path: str, device: str, prompt_tokens: int, decode_tokens: int, repeat: int,
                     prompt: list[int]) -> ModelResult:
     import llama_cpp
@@ -108,18 +198,25 @@ def bench_llama_cpp(path: str, device: str, prompt_tokens: int, decode_tokens: i
                        prompt_tokens / prompt_s, (decode_tokens - 1) / decode_s, None, None)
 
 
-def format_table(results: list[ModelResult], path: str) -> str:
-    head = f"{'engine':<10} {'device':<7} {'load s':>7} {'TTFT ms':>8} {'prompt tok/s':>13} {'decode tok/s':>13} {'memory MiB':>11} {'peak MiB':>9}"
+def format_table(results: list[ModelResult], path: str, limit: tuple[float, float, int] | None = None) -> str:
+    head = f"{'engine':<12} {'device':<7} {'load s':>7} {'TTFT ms':>8} {'prompt tok/s':>13} {'decode tok/s':>13} {'memory MiB':>11} {'peak MiB':>9}"
     rows = [f"model {path}", head]
     for r in results:
         mem = f"{r.memory_bytes / 2**20:.0f}" if r.memory_bytes is not None else "-"
         peak = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes is not None else "-"
-        rows.append(f"{r.engine:<10} {r.device:<7} {r.load_s:>7.2f} {r.ttft_s * 1000:>8.1f} {r.prompt_tok_s:>13.1f} "
+        rows.append(f"{r.engine:<12} {r.device:<7} {r.load_s:>7.2f} {r.ttft_s * 1000:>8.1f} {r.prompt_tok_s:>13.1f} "
                     f"{r.decode_tok_s:>13.1f} {mem:>11} {peak:>9}")
     base = results[0]
     for r in results[1:]:
+        if r.engine.startswith("orcd"):
+            rows.append(f"{r.engine}: aggregate decode {r.decode_tok_s / base.decode_tok_s:.1f}x batch 1")
+            continue
         rows.append(f"orcd / {r.engine} on {r.device}: decode {base.decode_tok_s / r.decode_tok_s:.2f}x, "
                     f"prompt {base.prompt_tok_s / r.prompt_tok_s:.2f}x")
+    if limit is not None:
+        bandwidth, tok_s, per_token = limit
+        rows.append(f"bandwidth limit, batch 1: {per_token / 2**20:.1f} MiB read per token / {bandwidth:.0f} GB/s = "
+                    f"{tok_s:.0f} tok/s; orcd reaches {100 * base.decode_tok_s / tok_s:.1f}%")
     return "\n".join(rows)
 
 
@@ -129,30 +226,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=2, help="timed runs after one warm-up (the best is reported)")
-    p.add_argument("--peer", choices=["llama.cpp", "none"], default="llama.cpp",
-                   help="measure llama.cpp in the same run (default, when llama-cpp-python is installed)")
+    p.add_argument("--streams", default="1", help="comma-separated concurrent stream counts for orcd, e.g. 1,8,32")
+    p.add_argument("--peer", default="llama.cpp",
+                   help="peers measured in the same run: llama.cpp, transformers, both comma-separated, or none")
     p.add_argument("--peer-device", default=None, help="llama.cpp's device (default: the same as orcd's)")
     p.add_argument("--json", action="store_true")
 
 
 def run_args(args: argparse.Namespace) -> int:
     results = [bench_orcd(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeat)]
-    if args.peer == "llama.cpp":
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            print("llama-cpp-python is not installed: no peer in this run", file=sys.stderr)
-        else:
-            from orcd.modelfile import ModelFile
-            from orcd.tokenizer import Tokenizer
+    for n in (int(x) for x in args.streams.split(",")):
+        if n > 1:
+            results.append(bench_orcd_streams(args.model, args.device, args.prompt_tokens, args.decode_tokens, n))
+    peers = [p for p in args.peer.split(",") if p and p != "none"]
+    if peers:
+        from orcd.modelfile import ModelFile
+        from orcd.tokenizer import Tokenizer
 
-            prompt = random_prompt(Tokenizer.from_gguf(ModelFile.open(args.model)), args.prompt_tokens)
-            results.append(bench_llama_cpp(args.model, args.peer_device or args.device, args.prompt_tokens,
-                                           args.decode_tokens, args.repeat, prompt))
+        prompt = random_prompt(Tokenizer.from_gguf(ModelFile.open(args.model)), args.prompt_tokens)
+    for peer in peers:
+        device = args.peer_device or args.device
+        try:
+            if peer == "llama.cpp":
+                results.append(bench_llama_cpp(args.model, device, args.prompt_tokens, args.decode_tokens,
+                                               args.repeat, prompt))
+            elif peer == "transformers":
+                results.append(bench_transformers(args.model, device, args.prompt_tokens, args.decode_tokens,
+                                                  prompt))
+            else:
+                print(f"unknown peer {peer!r}", file=sys.stderr)
+        except ImportError as e:
+            print(f"{peer} is not installed: no {peer} figure in this run ({e})", file=sys.stderr)
+        except Exception as e:  # a peer that cannot load the file must not hide orcd's figures
+            print(f"{peer} failed on this file: {type(e).__name__}: {e}", file=sys.stderr)
+    limit = None
+    if args.device.startswith("cuda"):
+        from orcd.bench.dequant import copy_bandwidth
+
+        bandwidth = copy_bandwidth(torch.device(args.device))
+        per_token = bytes_per_token(args.model, args.prompt_tokens + args.decode_tokens // 2)
+        limit = (bandwidth, bandwidth * 1e9 / per_token, per_token)
     if args.json:
-        print(json.dumps([asdict(r) for r in results], indent=1))
+        print(json.dumps({"results": [asdict(r) for r in results],
+                          "bandwidth_limit": None if limit is None else
+                          {"copy_gbps": limit[0], "tok_s": limit[1], "bytes_per_token": limit[2]}}, indent=1))
     else:
-        print(format_table(results, args.model))
+        print(format_table(results, args.model, limit))
     return 0
 
 
