@@ -27,10 +27,19 @@ for step in "$@"; do
       python3 -m orcd.cli synth --arch "$arch" --preset "$preset" --type "$ftype" -o "$models/$arch-$preset-$ftype.gguf" \
         > "$OUT/synth-$arch-$preset.log" 2>&1 || tail -n 5 "$OUT/synth-$arch-$preset.log"
       ls -la "$models/$arch-$preset-$ftype.gguf" ;;
-    bench-*)  # bench-ARCH:PRESET:TYPE (after synth-...)
+    build-llama)  # llama.cpp with CUDA as the peer (.peer/ holds the trimmed llama-cpp-python sdist; ~5 min)
+      repo=$PWD
+      (cd /tmp && tar xzf "$repo/.peer/llama-cpp-python-trim.tar.gz" && cd llama_cpp_python-* && \
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site "$repo"/.peer/diskcache-*.whl && \
+        CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+        CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install --no-build-isolation --no-deps --no-index --target /tmp/site . \
+        > "$OUT/llama-build.log" 2>&1) || tail -n 20 "$OUT/llama-build.log"
+      python3 -c 'import llama_cpp; print("llama_cpp", llama_cpp.__version__)' ;;
+    bench-*)  # bench-ARCH:PRESET:TYPE (after synth-...); BENCH_ARGS adds e.g. --streams 1,8,32 --peer llama.cpp
       IFS=: read -r arch preset ftype <<< "${step#bench-}"
-      python3 -m orcd.cli bench model --model "$models/$arch-$preset-$ftype.gguf" --device cuda --peer none \
-        --prompt-tokens "${PROMPT_TOKENS:-512}" --decode-tokens "${DECODE_TOKENS:-128}" 2>&1 | tee "$OUT/bench-$arch-$preset.txt" | tail -n 6 ;;
+      python3 -m orcd.cli bench model --model "$models/$arch-$preset-$ftype.gguf" --device cuda \
+        --prompt-tokens "${PROMPT_TOKENS:-512}" --decode-tokens "${DECODE_TOKENS:-128}" ${BENCH_ARGS:---peer none} \
+        2>&1 | tee "$OUT/bench-$arch-$preset.txt" | tail -n 12 ;;
     *) eval "$step" ;;
   esac
   echo "--- $step: $(( $(date +%s) - t0 )) s"
