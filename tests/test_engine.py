@@ -113,7 +113,7 @@ def test_request_joins_a_running_batch_and_waits_for_a_slot(phi, plugins):
             rest[ev.request_id].append(ev)
     assert tokens(rest["b"]) == recompute_greedy(phi, b, 3)
     assert tokens(rest["c"]) == recompute_greedy(phi, c, 2)  # got b's slot after b finished
-    assert engine.cache.free_slots == 2
+    assert engine.cache.blocks.available == engine.cache.n_blocks
 
 
 def test_cancel_running_and_waiting(phi, plugins):
@@ -127,7 +127,7 @@ def test_cancel_running_and_waiting(phi, plugins):
     assert set(finishes) == {"run", "wait"} and not [e for e in events if isinstance(e, TokenEvent)]
     assert finishes["run"].reason == "CANCELLED" and isinstance(finishes["run"].error, Cancelled)
     assert finishes["run"].completion_tokens == 1 and finishes["wait"].completion_tokens == 0
-    assert not engine.has_work() and engine.cache.free_slots == 1
+    assert not engine.has_work() and engine.cache.blocks.available == engine.cache.n_blocks
 
 
 def test_stop_string_cuts_the_text_and_is_never_emitted(phi, plugins):
@@ -370,4 +370,4 @@ def test_a_request_failing_at_admission_gives_its_cache_slot_back(synth_model) -
     out = run(engine, bad, request("good", ids))
     assert [e.reason for e in out["bad"]] == ["INVALID_REQUEST"]
     assert isinstance(out["good"][-1], FinishEvent) and out["good"][-1].reason == "max_tokens"
-    assert engine.cache.free_slots == 1
+    assert engine.cache.blocks.available == engine.cache.n_blocks

@@ -2,6 +2,8 @@
 
 The models it drives follow the forward convention of ``orcd.nn.batch``: ``module(ForwardBatch, all_logits=False)``
 with per-token positions, one cache slot per sequence, and ``set_context_length(n_ctx)`` before the first forward.
+The engine's cache is paged (``PagedKVCache``: blocks, block tables, a prefix cache); ``KVCache`` is the simple
+contiguous one, for direct use and as a reference.
 """
 
 from orcd.engine.engine import (
@@ -12,6 +14,6 @@ from orcd.engine.engine import (
     Sequence,
     TokenEvent,
 )
-from orcd.engine.kv_cache import KVCache
+from orcd.engine.kv_cache import KVCache, PagedKVCache
 
-__all__ = ["Engine", "Event", "FinishEvent", "GenerationRequest", "KVCache", "Sequence", "TokenEvent"]
+__all__ = ["Engine", "Event", "FinishEvent", "GenerationRequest", "KVCache", "PagedKVCache", "Sequence", "TokenEvent"]

@@ -1,11 +1,17 @@
 """The engine: admits requests, prefills their prompts, and advances every active sequence by one token per step.
 
-``step()`` is the whole scheduler. It (1) ends the sequences whose cancellation arrived, (2) admits waiting
-requests while KV cache slots are free and prefills each prompt except its last token, (3) runs one batched
-forward over every active sequence, each feeding its latest token (the last prompt token for a sequence admitted
-in this step, else the token sampled in the previous step) at its own position and cache slot, and (4) samples
-one token per sequence and applies the stop rules. So a new sequence's first token comes from the same batched
-forward as everyone else's next token, and each step yields exactly one token per active sequence.
+``step()`` is the whole scheduler (continuous batching). It (1) ends the sequences whose cancellation arrived,
+(2) admits waiting requests, first come first served, while fewer than ``max_batch`` run and the paged KV cache
+can promise each one the blocks of its prompt plus ``max_tokens`` (so no sequence runs out mid-decode; a request
+that could never fit is refused when added), reuses the cached blocks of a prompt prefix seen before and prefills
+the rest of each prompt except its last token, (3) runs one batched forward over every active sequence, each
+feeding its latest token (the last prompt token for a sequence admitted in this step, else the token sampled in
+the previous step) at its own position, and (4) samples one token per sequence and applies the stop rules. So a
+new sequence's first token comes from the same batched forward as everyone else's next token, and each step
+yields exactly one token per active sequence.
+
+The batched forward runs eagerly, or with ``cuda_graphs`` on a CUDA device through ``StaticDecode``: bucketed
+fixed shapes replayed from CUDA graphs. The eager step is the oracle the graphs are tested against.
 
 Every sampled token is reported as a ``TokenEvent`` (also the end-of-generation token, whose text is empty), so
 ``completion_tokens`` counts the token events. Text is released as valid UTF-8 and never contains a stop string.
@@ -25,9 +31,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel, Field
 
-from orcd.engine.kv_cache import KVCache
+from orcd.device import to_orcd_error
+from orcd.engine.graphs import StaticDecode
+from orcd.engine.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache
 from orcd.engine.stops import StopStrings
-from orcd.errors import Cancelled, InvalidRequest, OrcdError, VramOOM
+from orcd.errors import Cancelled, CudaError, InvalidRequest, OrcdError, VramOOM
 from orcd.metrics import RequestFinished, RequestStarted, TokenProduced
 from orcd.nn.batch import ForwardBatch
 from orcd.sampling import SamplerChain, SamplingParams
@@ -75,18 +83,21 @@ Event = TokenEvent | FinishEvent
 
 
 class Sequence:
-    """One request being served: its tokens, cache slot, sampler, text stream and timings."""
+    """One request being served: its tokens, KV cache blocks (by ``seq_id``), sampler, text stream and timings."""
 
-    def __init__(self, req: GenerationRequest, seed: int | None, stop_ids: set[int], decoder: Any) -> None:
+    def __init__(self, req: GenerationRequest, seq_id: int, seed: int | None, stop_ids: set[int],
+                 decoder: Any) -> None:
         self.request = req
         self.request_id = req.request_id
+        self.seq_id = seq_id
         self.tokens: list[int] = list(req.prompt_ids)
         self.n_prompt = len(req.prompt_ids)
         self.seed = seed
         self.stop_ids = stop_ids
         self.decoder = decoder
         self.stops = StopStrings(req.stop_strings)
-        self.slot: int | None = None
+        self.holds_cache = False  # True from admission until its blocks are released
+        self.cached_prompt_tokens = 0  # leading prompt tokens whose keys and values came from the prefix cache
         self.sampler: SamplerChain | None = None
         self.history: torch.Tensor | None = None  # prompt + generated ids on the device, for penalties
         self.added_at = time.perf_counter()
@@ -105,8 +116,26 @@ class Sequence:
 
 
 class Engine:
+    """Continuous batching over a paged KV cache.
+
+    ``max_batch``: sequences decoded at once. ``n_ctx``: positions one sequence may use (default: the model's
+    context). ``kv_cache_tokens``: positions the KV cache pool holds across all sequences (default ``max_batch *
+    n_ctx``, every sequence its whole context); requests wait while it cannot promise their blocks.
+    ``prefix_cache``: reuse the blocks of prompt prefixes seen before. ``cuda_graphs``: replay the decode step
+    from CUDA graphs on a CUDA device (ignored elsewhere).
+    """
+
     def __init__(
-        self, loaded: "LoadedModel", plugins: "OrcdPluginManager", max_batch: int = 1, n_ctx: int | None = None
+        self,
+        loaded: "LoadedModel",
+        plugins: "OrcdPluginManager",
+        max_batch: int = 1,
+        n_ctx: int | None = None,
+        *,
+        kv_cache_tokens: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        prefix_cache: bool = True,
+        cuda_graphs: bool = False,
     ) -> None:
         if max_batch < 1:
             raise InvalidRequest(f"max_batch must be at least 1, got {max_batch}", field="max_batch")
@@ -116,6 +145,11 @@ class Engine:
                 f"n_ctx {n_ctx} must be between 1 and the model's context length {config.context_length}",
                 field="n_ctx",
             )
+        if kv_cache_tokens is not None and kv_cache_tokens < 1:
+            raise InvalidRequest(f"kv_cache_tokens must be at least 1, got {kv_cache_tokens}",
+                                 field="kv_cache_tokens")
+        if block_size < 1:
+            raise InvalidRequest(f"block_size must be at least 1, got {block_size}", field="block_size")
         self.loaded = loaded
         self.plugins = plugins
         self.model = loaded.module
@@ -125,7 +159,13 @@ class Engine:
         self.n_ctx = n_ctx or config.context_length
         if hasattr(self.model, "set_context_length"):
             self.model.set_context_length(self.n_ctx)
-        self.cache = KVCache.for_model(config, max_batch, self.n_ctx, self.device)
+        static = cuda_graphs and self.device.type == "cuda"
+        # Whole blocks per sequence, so that the default pool holds max_batch full contexts whatever the block size.
+        blocks_per_context = -(-self.n_ctx // block_size)
+        pool_tokens = kv_cache_tokens if kv_cache_tokens is not None else max_batch * blocks_per_context * block_size
+        self.cache = PagedKVCache.for_model(config, pool_tokens, self.device, block_size=block_size,
+                                            prefix_cache=prefix_cache, scratch_block=static)
+        self.static = StaticDecode(self.model, self.cache, max_batch, self.n_ctx, capture=True) if static else None
         self.vocab_size = config.vocab_size
         self.default_stop_ids = set(self.tokenizer.eot_ids) if self.tokenizer is not None else set()
         self._factories = plugins.sampler_factories()
@@ -133,10 +173,11 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
         self._cancel: set[str] = set()
+        self._next_seq_id = 0
 
     # --- public API ----------------------------------------------------------------------------------------------
     def add_request(self, req: GenerationRequest) -> None:
-        """Validate ``req`` and queue it; it joins the running batch at the next step with a free slot."""
+        """Validate ``req`` and queue it; it joins the running batch at the first step with room for it."""
         self._validate(req)
         seed = None
         if req.sampling.temperature > 0.0:
@@ -145,10 +186,11 @@ class Engine:
         decoder = None
         if self.tokenizer is not None:  # the generated text continues the prompt (no start-of-text space rule)
             decoder = self.tokenizer.stream_decoder(skip_special=True, context=req.prompt_ids)
-        seq = Sequence(req, seed, set(stop_ids), decoder)
         with self._lock:
             if any(s.request_id == req.request_id for s in (*self._waiting, *self._active)):
                 raise InvalidRequest(f"request id {req.request_id!r} is already in use", field="request_id")
+            seq = Sequence(req, self._next_seq_id, seed, set(stop_ids), decoder)
+            self._next_seq_id += 1
             self._waiting.append(seq)
 
     def cancel(self, request_id: str) -> bool:
@@ -163,21 +205,39 @@ class Engine:
         with self._lock:
             return bool(self._waiting or self._active)
 
+    # --- KV cache room (for a scheduler in front of the engine, on the engine's thread) ----------------------------
+    def blocks_needed(self, n_prompt: int, max_tokens: int) -> int:
+        """KV cache blocks a request of ``n_prompt`` tokens and ``max_tokens`` is promised (before prefix hits)."""
+        return self.cache.blocks.blocks_for(self._positions_needed(n_prompt, max_tokens))
+
+    def blocks_available(self) -> int:
+        """Blocks that can still be promised once the requests already waiting here are admitted."""
+        with self._lock:
+            waiting = [s.request for s in self._waiting]
+        return self.cache.blocks.available - sum(self.blocks_needed(len(r.prompt_ids), r.max_tokens) for r in waiting)
+
+    @property
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """(prompt tokens served from the prefix cache, prompt tokens of admitted requests), since the start."""
+        blocks = self.cache.blocks
+        return blocks.hit_tokens, blocks.lookup_tokens
+
     def step(self) -> list[Event]:
         """Apply cancellations, admit and prefill waiting requests, then one batched forward that advances every
         active sequence by one token. A failed forward (``OrcdError``, e.g. ``VRAM_OOM``) ends the sequences in
-        it with that error and frees their slots; the engine keeps serving."""
+        it with that error and frees their blocks; a sampler failing for one sequence ends that one only. The
+        engine keeps serving."""
         events: list[Event] = []
         self._apply_cancellations(events)
         self._admit(events)
         if self._active:
+            seqs = list(self._active)
             try:
-                logits = self._forward_last_tokens(self._active)
+                logits = self._forward_last_tokens(seqs)
             except OrcdError as e:
-                self._fail(list(self._active), e, events)
+                self._fail(seqs, e, events)
                 return events
-            for row, seq in enumerate(list(self._active)):
-                self._sample_and_emit(seq, logits[row], events)
+            self._sample_all(seqs, logits, events)
         return events
 
     def generate(self, req: GenerationRequest) -> Iterator[Event]:
@@ -192,6 +252,10 @@ class Engine:
                     return
 
     # --- admission and prefill -----------------------------------------------------------------------------------
+    def _positions_needed(self, n_prompt: int, max_tokens: int) -> int:
+        """Positions a sequence may write: every token but the last sampled one is fed back, within the context."""
+        return min(n_prompt + max_tokens - 1, self.n_ctx)
+
     def _validate(self, req: GenerationRequest) -> None:
         n = len(req.prompt_ids)
         if n == 0:
@@ -205,15 +269,28 @@ class Engine:
                                  field="prompt_ids")
         if req.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be at least 1, got {req.max_tokens}", field="max_tokens")
+        need, pool = self.blocks_needed(n, req.max_tokens), self.cache.n_blocks
+        if need > pool:
+            bs = self.cache.block_size
+            raise InvalidRequest(
+                f"a prompt of {n} tokens with max_tokens {req.max_tokens} needs {need} KV cache blocks of {bs} "
+                f"positions, but the whole cache holds {pool} ({pool * bs} positions); lower max_tokens or shorten "
+                "the prompt", field="max_tokens")
 
     def _admit(self, events: list[Event]) -> None:
-        while self.cache.free_slots:
+        blocks = self.cache.blocks
+        while len(self._active) < self.max_batch:
             with self._lock:
                 if not self._waiting:
                     break
-                seq = self._waiting.popleft()
-            seq.slot = self.cache.allocate()
-            self._active.append(seq)  # from here on, _finish releases the slot whatever fails
+                seq = self._waiting[0]
+                hit = blocks.admit(seq.seq_id, seq.tokens, self._positions_needed(seq.n_prompt, seq.request.max_tokens))
+                if hit is None:
+                    break  # first come, first served: the head waits for blocks, and so do those behind it
+                self._waiting.popleft()
+            seq.holds_cache = True
+            seq.cached_prompt_tokens = hit
+            self._active.append(seq)  # from here on, _finish releases the blocks whatever fails
             try:
                 seq.sampler = SamplerChain(self._factories,
                                            seq.request.sampling.model_copy(update={"seed": seq.seed}), self.device)
@@ -228,37 +305,80 @@ class Engine:
                 self._fail([seq], e, events)
 
     def _prefill(self, seq: Sequence) -> None:
-        """Write all prompt tokens but the last into the cache (the last one goes through the batched step)."""
-        prompt = seq.tokens[: seq.n_prompt - 1]
-        for start in range(0, len(prompt), PREFILL_CHUNK):
-            chunk = prompt[start : start + PREFILL_CHUNK]
-            tokens = torch.tensor([chunk], dtype=torch.long, device=self.device)
-            positions = torch.arange(start, start + len(chunk), device=self.device).unsqueeze(0)
-            batch = ForwardBatch(tokens, positions, self.cache, [seq.slot], kv_length=start + len(chunk),
-                                 starts=[start])
+        """Write the prompt's tokens but the last into the cache (the last one goes through the batched step),
+        starting after the prefix the cache already holds."""
+        blocks = self.cache.blocks
+        end = seq.n_prompt - 1
+        for start in range(seq.cached_prompt_tokens, end, PREFILL_CHUNK):
+            stop = min(start + PREFILL_CHUNK, end)
+            blocks.grow(seq.seq_id, stop)
+            tokens = torch.tensor([seq.tokens[start:stop]], dtype=torch.long, device=self.device)
+            positions = torch.arange(start, stop, device=self.device).unsqueeze(0)
+            batch = ForwardBatch(tokens, positions, self.cache, [seq.seq_id], kv_length=stop, starts=[start],
+                                 block_tables=self.cache.block_tables([seq.seq_id]))
             self._run(batch)
+            blocks.commit(seq.seq_id, seq.tokens, stop)
 
     # --- the batched step ----------------------------------------------------------------------------------------
     def _forward_last_tokens(self, seqs: list[Sequence]) -> torch.Tensor:
+        blocks = self.cache.blocks
         last = [seq.tokens[-1] for seq in seqs]
         pos = [len(seq.tokens) - 1 for seq in seqs]
+        for seq, p in zip(seqs, pos):
+            blocks.grow(seq.seq_id, p + 1)
+        if self.static is not None:
+            static = self.static
+            return self._guard_oom(lambda: static.run(last, pos, [blocks.table(s.seq_id) for s in seqs]), len(seqs), 1)
         tokens = torch.tensor(last, dtype=torch.long, device=self.device).unsqueeze(1)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device).unsqueeze(1)
-        batch = ForwardBatch(tokens, positions, self.cache, [seq.slot for seq in seqs], kv_length=max(pos) + 1,
-                             starts=pos)
+        ids = [seq.seq_id for seq in seqs]
+        batch = ForwardBatch(tokens, positions, self.cache, ids, kv_length=max(pos) + 1, starts=pos,
+                             block_tables=self.cache.block_tables(ids))
         return self._run(batch)
 
     def _run(self, batch: ForwardBatch) -> torch.Tensor:
-        try:
-            return self.model(batch)
-        except torch.cuda.OutOfMemoryError as e:
-            raise VramOOM(f"the GPU ran out of memory in a forward over {batch.tokens.shape[0]} sequence(s) of "
-                          f"{batch.tokens.shape[1]} token(s): {e}") from None
+        return self._guard_oom(lambda: self.model(batch), batch.tokens.shape[0], batch.tokens.shape[1])
 
-    def _sample_and_emit(self, seq: Sequence, logits: torch.Tensor, events: list[Event]) -> None:
+    @staticmethod
+    def _guard_oom(forward: Any, n_seqs: int, n_tokens: int) -> torch.Tensor:
+        try:
+            return forward()
+        except torch.cuda.OutOfMemoryError as e:
+            raise VramOOM(f"the GPU ran out of memory in a forward over {n_seqs} sequence(s) of "
+                          f"{n_tokens} token(s): {e}") from None
+
+    def _sample_all(self, seqs: list[Sequence], logits: torch.Tensor, events: list[Event]) -> None:
+        """One token per sequence. Plain greedy rows (no sampler in their chain) share one argmax and one copy
+        to the host; the others go through their chains. A chain that raises ends its own sequence."""
+        plain = [row for row, seq in enumerate(seqs) if _is_plain_greedy(seq.sampler)]
+        chosen: dict[int, int] = {}
+        if plain:
+            index = torch.tensor(plain, device=logits.device) if len(plain) < len(seqs) else None
+            rows = logits[:, : self.vocab_size] if index is None else logits.index_select(0, index)[:, : self.vocab_size]
+            chosen = dict(zip(plain, rows.argmax(dim=-1).tolist()))
+        for row, seq in enumerate(seqs):
+            try:
+                token = chosen[row] if row in chosen else self._draw(seq, logits[row])
+            except OrcdError as e:
+                self._fail([seq], e, events)
+                continue
+            self._emit(seq, token, events)
+            if seq.holds_cache:  # positions 0 .. len - 2 are written now: newly full blocks join the prefix cache
+                self.cache.blocks.commit(seq.seq_id, seq.tokens, len(seq.tokens) - 1)
+
+    def _draw(self, seq: Sequence, logits: torch.Tensor) -> int:
         assert seq.sampler is not None and seq.history is not None
+        try:
+            return seq.sampler.sample(logits[: self.vocab_size], seq.history[: len(seq.tokens)])
+        except Exception as e:  # a sampler's bug: its sequence ends, the batch goes on
+            err = to_orcd_error(e, self.device, "the decode step")
+            if isinstance(err, CudaError):
+                raise err from e  # the device may be unusable: the whole step fails
+            raise err from None
+
+    def _emit(self, seq: Sequence, token: int, events: list[Event]) -> None:
+        assert seq.history is not None
         n = len(seq.tokens)
-        token = seq.sampler.sample(logits[: self.vocab_size], seq.history[:n])
         seq.tokens.append(token)
         seq.history[n] = token
         now = time.perf_counter()
@@ -309,9 +429,9 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str, error: OrcdError | None, events: list[Event]) -> None:
         if seq in self._active:
             self._active.remove(seq)
-        if seq.slot is not None:
-            self.cache.release(seq.slot)
-            seq.slot = None
+        if seq.holds_cache:
+            self.cache.blocks.release(seq.seq_id)
+            seq.holds_cache = False
         event = seq.finish_event(reason, error)
         events.append(event)
         tps = None
@@ -328,3 +448,8 @@ class Engine:
                 impl.function(event=event)
             except Exception:
                 log.exception("metrics hook %s of plugin %r raised", name, impl.plugin_name)
+
+
+def _is_plain_greedy(chain: SamplerChain | None) -> bool:
+    """Argmax of the raw logits: temperature 0 and no logit processor in the chain."""
+    return chain is not None and chain.generator is None and not chain.samplers

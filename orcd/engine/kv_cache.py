@@ -1,8 +1,17 @@
-"""The KV cache: static per-layer K and V tensors, one slot per sequence, allocated once for the engine's context.
+"""KV caches: the contiguous one (one slot per sequence, the whole context each) and the paged one the engine uses.
 
-Layout per layer: ``(n_slots, n_kv_heads, n_ctx, head_dim)``; a token at position ``p`` of the sequence in slot
-``s`` lives at ``[s, :, p]``. FP16 on CUDA (half the memory; attention upcasts), FP32 on CPU (CPU half matmuls
-are slow and the references compare in float32).
+Both follow ``orcd.nn.batch.LayerCache``: ``update`` stores the batch's new keys and values and returns what
+attention reads. FP16 on CUDA (half the memory), FP32 on CPU (CPU half matmuls are slow and the references compare
+in float32).
+
+``KVCache``: per layer ``(n_slots, n_kv_heads, n_ctx, head_dim)``; a token at position ``p`` of the sequence in
+slot ``s`` lives at ``[s, :, p]``. Simple and exact; tests and references use it directly.
+
+``PagedKVCache``: per layer one pool of ``n_blocks * block_size`` rows of ``(n_kv_heads, head_dim)``. A sequence
+holds a list of blocks (its block table, kept by ``BlockManager``); position ``p`` lives at row
+``table[p // block_size] * block_size + p % block_size``. Blocks are taken as sequences grow and shared between
+sequences with a common prompt prefix. Attention reads each sequence's rows gathered into ``(B, H_kv, kv_length,
+D)``: index arithmetic on device tensors only, so the decode step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -10,8 +19,11 @@ from __future__ import annotations
 import torch
 
 from orcd.arch import ModelConfig
+from orcd.engine.blocks import BlockManager
 from orcd.errors import InvalidRequest
 from orcd.nn.batch import ForwardBatch
+
+DEFAULT_BLOCK_SIZE = 16
 
 
 def default_cache_dtype(device: torch.device) -> torch.dtype:
@@ -88,3 +100,95 @@ class KVCache:
             window = slice(slots[0], slots[0] + b)
             return kc[window, :, : batch.kv_length], vc[window, :, : batch.kv_length]
         return kc[:, :, : batch.kv_length].index_select(0, index), vc[:, :, : batch.kv_length].index_select(0, index)
+
+
+class PagedKVCache:
+    """K and V pools of fixed-size blocks shared by all sequences, addressed through block tables.
+
+    ``slots`` in a ``ForwardBatch`` are sequence ids of ``blocks`` (the ``BlockManager``); the batch's
+    ``block_tables`` (device, ``(B, n)``) give their blocks, or are built here from the manager when absent.
+    With ``scratch_block`` one more block is allocated that no sequence ever holds: padding rows of a
+    fixed-shape (CUDA graph) batch write there.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        n_blocks: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        prefix_cache: bool = True,
+        scratch_block: bool = False,
+    ) -> None:
+        device = torch.device(device)
+        self.device = device
+        self.dtype = dtype or default_cache_dtype(device)
+        self.block_size = block_size
+        self.blocks = BlockManager(n_blocks, block_size, prefix_cache)
+        self.scratch_block = n_blocks if scratch_block else None
+        rows = (n_blocks + int(scratch_block)) * block_size
+        shape = (rows, n_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(n_layers)]
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, n_tokens: int, device: torch.device | str, dtype: torch.dtype | None = None,
+                  block_size: int = DEFAULT_BLOCK_SIZE, prefix_cache: bool = True,
+                  scratch_block: bool = False) -> "PagedKVCache":
+        """A pool holding at least ``n_tokens`` positions (rounded up to whole blocks)."""
+        n_blocks = -(-n_tokens // block_size)
+        return cls(config.block_count, config.head_count_kv, config.head_dim, n_blocks, block_size, device, dtype,
+                   prefix_cache, scratch_block)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.blocks.n_blocks
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def block_tables(self, seq_ids: list[int], n_blocks: int | None = None) -> torch.Tensor:
+        """``(B, n_blocks)`` int64 block table of the sequences, on the device. Entries past a sequence's blocks
+        are block 0: only positions after the sequence's last one map there, and the causal mask hides them."""
+        tables = [self.blocks.table(s) for s in seq_ids]
+        width = n_blocks if n_blocks is not None else max(len(t) for t in tables)
+        rows = [t[:width] + [0] * (width - len(t)) for t in tables]
+        return torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+
+    # --- the LayerCache protocol ---------------------------------------------------------------------------------
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        write, read = self._rows(batch)
+        b, h, t, d = k.shape
+        kc, vc = self.k[layer], self.v[layer]
+        kc.index_copy_(0, write, k.transpose(1, 2).reshape(b * t, h, d).to(self.dtype))
+        vc.index_copy_(0, write, v.transpose(1, 2).reshape(b * t, h, d).to(self.dtype))
+        length = batch.kv_length
+        keys = kc.index_select(0, read).view(b, length, h, d).transpose(1, 2)
+        values = vc.index_select(0, read).view(b, length, h, d).transpose(1, 2)
+        return keys, values
+
+    def _rows(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool rows where the batch's new tokens go ``(B*T,)`` and rows attention reads ``(B*kv_length,)``, in
+        sequence-major order; computed once per forward (every layer shares them)."""
+        key = ("paged_rows", id(self))
+        if key not in batch.memo:
+            tables = batch.block_tables
+            if tables is None:
+                assert batch.slots is not None
+                tables = self.block_tables(list(batch.slots), -(-batch.kv_length // self.block_size))
+            bs = self.block_size
+            if tables.shape[1] * bs < batch.kv_length:
+                raise InvalidRequest(f"the block tables cover {tables.shape[1] * bs} positions but attention reads "
+                                     f"{batch.kv_length}", field="block_tables")
+            pos = batch.positions
+            write = torch.gather(tables, 1, pos // bs) * bs + pos % bs
+            offsets = torch.arange(bs, device=tables.device)
+            read = (tables.unsqueeze(-1) * bs + offsets).flatten(1)[:, : batch.kv_length]
+            batch.memo[key] = (write.reshape(-1), read.reshape(-1))
+        return batch.memo[key]

@@ -3,6 +3,10 @@
 ``attention`` is the one function every architecture calls. It takes the mask from the batch (causal, optionally
 a sliding window per layer) and optional per-head "sink" logits: an extra score per head that joins every
 softmax's denominator and attends to nothing (GPT-OSS), so a head can put weight nowhere.
+
+Three paths, one result: on CUDA with a half-precision KV cache and no sinks, PyTorch's fused SDPA kernels run in
+FP16 (FlashAttention for a prompt's first chunk, where the mask is plain causal; the memory-efficient kernel with
+the mask otherwise); elsewhere SDPA in float32 (the CPU reference); with sinks an explicit float32 softmax.
 """
 
 from __future__ import annotations
@@ -24,17 +28,22 @@ def attention(
     mask: torch.Tensor,
     scale: float,
     sinks: torch.Tensor | None = None,
+    aligned_causal: bool = False,
 ) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` with ``H_q / H_kv`` query heads per key/value head.
 
     q ``(B, H_q, T, D)``; k, v ``(B, H_kv, S, D)``; mask boolean, broadcastable to ``(B, 1, T, S)``;
-    sinks ``(H_q,)`` logits or None. Returns ``(B, H_q, T, D)`` in q's dtype; scores are float32.
+    sinks ``(H_q,)`` logits or None; ``aligned_causal``: the caller knows the mask is plain causal with query
+    ``i`` at key ``i`` (``ForwardBatch.aligned_causal``). Returns ``(B, H_q, T, D)`` in q's dtype; scores are
+    float32 except on the fused FP16 path (FP32 accumulation inside the kernel).
     """
     b, h_q, t, d = q.shape
     h_kv, s = k.shape[1], k.shape[2]
     if h_q % h_kv:
         raise ValueError(f"{h_q} query heads cannot share {h_kv} key/value heads")
     group = h_q // h_kv
+    if sinks is None and q.is_cuda and k.dtype in (torch.float16, torch.bfloat16):
+        return _fused_half(q, k, v, mask, scale, group, aligned_causal).to(q.dtype)
     if sinks is None:
         out = F.scaled_dot_product_attention(
             q.float(), k.float(), v.float(), attn_mask=mask, scale=scale, enable_gqa=group > 1
@@ -48,6 +57,25 @@ def attention(
     probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :s]
     out = probs.reshape(b, h_kv, group * t, s) @ v.float()
     return out.reshape(b, h_q, t, d).to(q.dtype)
+
+
+def _fused_half(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, group: int,
+                aligned_causal: bool) -> torch.Tensor:
+    """SDPA in the cache's half precision. Plain causal: ``is_causal`` (FlashAttention, query heads sharing K/V
+    through ``enable_gqa``). Otherwise the ``group`` query heads of each K/V head are folded into the query rows
+    (``(B, H_kv, group * T, D)``, row ``g * T + i`` is query ``i`` of head ``g``), so no backend needs K/V repeated
+    and one masked kernel call does the whole batch (the decode step: ``group`` rows per K/V head)."""
+    b, h_q, t, d = q.shape
+    h_kv, s = k.shape[1], k.shape[2]
+    qh = q.to(k.dtype)
+    if aligned_causal:
+        return F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
+    folded = qh.reshape(b, h_kv, group * t, d)
+    m = mask.expand(b, 1, t, s)
+    if group > 1:
+        m = m.repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=m, scale=scale)
+    return out.reshape(b, h_q, t, d)
 
 
 class SeparateQKV(torch.nn.Module):
@@ -117,7 +145,8 @@ class SelfAttention(torch.nn.Module):
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
         if batch.cache is not None:
             k, v = batch.cache.update(self.layer, k, v, batch)
-        out = attention(q, k, v, batch.mask(self.sliding_window), self.scale, self.sinks)
+        window = self.sliding_window
+        out = attention(q, k, v, batch.mask(window), self.scale, self.sinks, batch.aligned_causal(window))
         return self.output(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
     def extra_repr(self) -> str:
