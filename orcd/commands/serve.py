@@ -10,6 +10,7 @@ new jobs (503), let queued and running ones finish (up to 25 s, then cancel them
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -49,7 +50,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-out", type=int, default=2048, help="ceiling on max_tokens of a job (default 2048)")
     p.add_argument("--inference-timeout-sec", type=float, default=300.0,
                    help="a job running longer ends with INFERENCE_TIMEOUT (default 300)")
-    p.add_argument("--kv-cache-size-mb", type=int, help="cap the KV cache (and so the context) at this many MiB")
+    p.add_argument("--kv-cache-size-mb", type=int,
+                   help="KV cache pool shared by the running jobs, in MiB (default: one full context); a smaller "
+                        "one also caps the context")
+    p.add_argument("--max-batch", type=int,
+                   help="jobs decoded at once (default: 8 on a GPU, 4 on the CPU); more wait in the queue")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse the KV cache of prompt prefixes shared between jobs")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the decode step from CUDA graphs (GPU only; less launch overhead, more memory)")
     p.add_argument("--max-queue", type=int, default=16, help="jobs that may wait for the engine (default 16)")
     p.add_argument("--residency-check-sec", type=float, default=60.0,
                    help="how often to check the weights are still on the device (default 60; 0: never)")
@@ -127,6 +136,8 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
         raise ArgumentProblem(f"--kv-cache-size-mb {args.kv_cache_size_mb}: must be at least 1")
     if args.max_queue < 0:
         raise ArgumentProblem(f"--max-queue {args.max_queue}: must be 0 or more")
+    if args.max_batch is not None and args.max_batch < 1:
+        raise ArgumentProblem(f"--max-batch {args.max_batch}: must be at least 1")
     if args.api_key is not None and not args.api_key.strip():
         raise ArgumentProblem("--api-key is empty")
     out["socket"] = bind_socket(args.host, args.port)  # held from here on, so nobody takes the port meanwhile
@@ -231,20 +242,38 @@ def serve(args: argparse.Namespace, settings: dict[str, Any], plugins: Any = Non
             log.warning("serving a SYNTHETIC model (random weights; its output is meaningless text): %s", path,
                         extra={"synthetic": True, "model_path": str(path)})
         n_ctx = devmem.serving_context(config, device, args.kv_cache_size_mb)
+        pool_tokens = kv_pool_tokens(config, device, args.kv_cache_size_mb, n_ctx)
         need = devmem.estimate_need(model_file, config, device, n_ctx)
+        # the pool may hold more than one context (a large --kv-cache-size-mb): count all of it
+        per_token = devmem.kv_bytes_per_token(config, devmem.kv_element_bytes(device))
+        need = dataclasses.replace(need, kv_cache=pool_tokens * per_token)
         available = devmem.check_fits(need, device, path)
         log.info("memory check passed: need %s of %s available on %s", devmem.human_bytes(need.total),
                  devmem.human_bytes(available), device,
                  extra={"required_bytes": need.total, "available_bytes": available, "device": str(device)})
-        worker = load_worker(args, settings, plugins, path, n_ctx, synthetic)
+        worker = load_worker(args, settings, plugins, path, n_ctx, synthetic, pool_tokens)
     except BaseException:
         sock.close()
         raise
     return run_server(args, settings, worker, sock)
 
 
+def kv_pool_tokens(config: Any, device: Any, kv_cache_mb: int | None, n_ctx: int) -> int:
+    """Positions the KV cache pool holds: what ``--kv-cache-size-mb`` pays for, else one full context."""
+    from orcd import device as devmem
+
+    if kv_cache_mb is None:
+        return n_ctx
+    per_token = devmem.kv_bytes_per_token(config, devmem.kv_element_bytes(device))
+    return max(n_ctx, kv_cache_mb * 1024 * 1024 // per_token)
+
+
+def default_max_batch(device: Any) -> int:
+    return 8 if device.type == "cuda" else 4
+
+
 def load_worker(args: argparse.Namespace, settings: dict[str, Any], plugins: Any, path: Path, n_ctx: int,
-                synthetic: bool) -> Any:
+                synthetic: bool, pool_tokens: int | None = None) -> Any:
     from orcd import device as devmem
     from orcd.errors import InsufficientVRAM, OrcdError
     from orcd.loader import load_model
@@ -263,6 +292,10 @@ def load_worker(args: argparse.Namespace, settings: dict[str, Any], plugins: Any
         worker_id=settings["worker_id"],
         model_id=path.name.removesuffix(".gguf"),
         max_queue=args.max_queue,
+        max_batch=args.max_batch or default_max_batch(device),
+        kv_cache_tokens=pool_tokens,
+        prefix_cache=not args.no_prefix_cache,
+        cuda_graphs=args.cuda_graphs,
         max_tokens_out=args.max_tokens_out,
         inference_timeout_s=args.inference_timeout_sec,
         n_ctx=n_ctx,
@@ -273,8 +306,9 @@ def load_worker(args: argparse.Namespace, settings: dict[str, Any], plugins: Any
     )
     worker = Worker.create(loaded, plugins, device, config)
     worker.start()
-    log.info("model ready: %s (%s) on %s, context %d, %s in use", config.model_id, worker.quant_kind, device,
-             worker.n_ctx, devmem.human_bytes(worker.vram_bytes),
+    log.info("model ready: %s (%s) on %s, context %d, up to %d jobs at once, KV cache %s, %s in use",
+             config.model_id, worker.quant_kind, device, worker.n_ctx, config.max_batch,
+             devmem.human_bytes(worker.kv_cache_bytes), devmem.human_bytes(worker.vram_bytes),
              extra={"model": config.model_id, "vram_bytes": worker.vram_bytes, "worker_id": config.worker_id})
     return worker
 

@@ -122,7 +122,8 @@ class Engine:
     context). ``kv_cache_tokens``: positions the KV cache pool holds across all sequences (default ``max_batch *
     n_ctx``, every sequence its whole context); requests wait while it cannot promise their blocks.
     ``prefix_cache``: reuse the blocks of prompt prefixes seen before. ``cuda_graphs``: replay the decode step
-    from CUDA graphs on a CUDA device (ignored elsewhere).
+    from CUDA graphs on a CUDA device (ignored elsewhere). ``static_shapes``: run the decode step at the graphs'
+    bucketed fixed shapes even without graphs (what the CPU tests check against the eager step).
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class Engine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         prefix_cache: bool = True,
         cuda_graphs: bool = False,
+        static_shapes: bool = False,
     ) -> None:
         if max_batch < 1:
             raise InvalidRequest(f"max_batch must be at least 1, got {max_batch}", field="max_batch")
@@ -159,13 +161,14 @@ class Engine:
         self.n_ctx = n_ctx or config.context_length
         if hasattr(self.model, "set_context_length"):
             self.model.set_context_length(self.n_ctx)
-        static = cuda_graphs and self.device.type == "cuda"
+        capture = cuda_graphs and self.device.type == "cuda"
+        static = capture or static_shapes
         # Whole blocks per sequence, so that the default pool holds max_batch full contexts whatever the block size.
         blocks_per_context = -(-self.n_ctx // block_size)
         pool_tokens = kv_cache_tokens if kv_cache_tokens is not None else max_batch * blocks_per_context * block_size
         self.cache = PagedKVCache.for_model(config, pool_tokens, self.device, block_size=block_size,
                                             prefix_cache=prefix_cache, scratch_block=static)
-        self.static = StaticDecode(self.model, self.cache, max_batch, self.n_ctx, capture=True) if static else None
+        self.static = StaticDecode(self.model, self.cache, max_batch, self.n_ctx, capture) if static else None
         self.vocab_size = config.vocab_size
         self.default_stop_ids = set(self.tokenizer.eot_ids) if self.tokenizer is not None else set()
         self._factories = plugins.sampler_factories()

@@ -4,13 +4,14 @@
 apps in one process — tests start many — never collide. Its ``plugin`` object implements the three metrics hooks
 of ``orcd.hookspecs`` and is registered on the worker's plugin manager: the engine calls it for every request.
 Job outcomes are counted by the worker itself: it also sees the jobs that never reached the engine (cancelled while
-queued, refused because the queue was full) and knows why a job was cut short.
+queued, refused because the queue was full) and knows why a job was cut short. The prefix cache's counters are read
+from the engine when /metrics is scraped.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,6 +20,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from orcd.hookspecs import hookimpl
@@ -36,6 +38,7 @@ class ServerMetrics:
         queue_length: Callable[[], float],
         running_jobs: Callable[[], float],
         healthy: Callable[[], float],
+        prefix_cache: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -64,10 +67,30 @@ class ServerMetrics:
         self.healthy.set_function(healthy)
         self.uptime = Gauge("worker_uptime_seconds", "Seconds since the worker started", registry=r)
         self.uptime.set_function(lambda: time.monotonic() - self.started)
+        if prefix_cache is not None:
+            r.register(PrefixCacheCollector(prefix_cache))
         self.plugin = MetricsPlugin(self)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class PrefixCacheCollector:
+    """The engine's prefix-cache counters, read at scrape time: prompt tokens served from cached KV blocks,
+    prompt tokens looked up (every admitted prompt token), and their ratio since the start."""
+
+    def __init__(self, stats: Callable[[], tuple[int, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        hit, looked_up = self.stats()
+        yield CounterMetricFamily("orcd_prefix_cache_hit_tokens", "Prompt tokens whose KV cache came from the "
+                                  "prefix cache (their prefill was skipped)", value=hit)
+        yield CounterMetricFamily("orcd_prefix_cache_lookup_tokens", "Prompt tokens looked up in the prefix cache "
+                                  "(every prompt token of an admitted job)", value=looked_up)
+        yield GaugeMetricFamily("orcd_prefix_cache_hit_ratio", "orcd_prefix_cache_hit_tokens_total / "
+                                "orcd_prefix_cache_lookup_tokens_total since the start (0 before any lookup)",
+                                value=hit / looked_up if looked_up else 0.0)
 
 
 class MetricsPlugin:

@@ -10,6 +10,10 @@ while there is work. They meet in two places only:
 
 ``/health`` reads plain attributes kept up to date by the engine thread and the residency checker, so it answers
 in microseconds whatever the engine is doing.
+
+Up to ``max_batch`` jobs run at once: the engine decodes them in one batched step and a queued job joins between
+steps when a place is free and the engine's KV cache can promise it the blocks of its prompt plus ``max_tokens``
+(otherwise it stays queued, first come first served). Each job keeps its own stream and cancel.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ class WorkerConfig:
     model_id: str  # the name clients see (file name without .gguf)
     max_queue: int = 16  # jobs waiting beside the running ones
     max_batch: int = 1  # jobs the engine decodes at once
+    kv_cache_tokens: int | None = None  # KV cache pool in positions, shared by the running jobs (None: n_ctx)
+    prefix_cache: bool = True  # jobs sharing a prompt prefix reuse its KV cache blocks
+    cuda_graphs: bool = False  # replay the decode step from CUDA graphs (CUDA devices only)
     max_tokens_out: int = 2048
     inference_timeout_s: float = 300.0
     n_ctx: int | None = None  # serving context length (None: the model's)
@@ -185,6 +192,7 @@ class Worker:
             queue_length=lambda: len(self._queue),
             running_jobs=lambda: len(self._running),
             healthy=lambda: 1.0 if self.healthy else 0.0,
+            prefix_cache=self._prefix_cache_stats,
         )
         self._metrics_plugin_name = f"orcd.server.metrics.{id(self)}"
         plugins.register(self.metrics.plugin, name=self._metrics_plugin_name)
@@ -193,7 +201,12 @@ class Worker:
     def create(cls, loaded: Any, plugins: Any, device: torch.device, config: WorkerConfig) -> Worker:
         from orcd.engine import Engine
 
-        engine = Engine(loaded, plugins, max_batch=config.max_batch, n_ctx=config.n_ctx)
+        n_ctx = config.n_ctx or loaded.config.context_length
+        # By default the pool holds one full context (what the memory check before loading counts); running jobs
+        # share it, each promised the blocks of its prompt plus max_tokens.
+        engine = Engine(loaded, plugins, max_batch=config.max_batch, n_ctx=n_ctx,
+                        kv_cache_tokens=config.kv_cache_tokens or n_ctx, prefix_cache=config.prefix_cache,
+                        cuda_graphs=config.cuda_graphs)
         return cls(loaded, engine, plugins, device, config)
 
     # --- life cycle ------------------------------------------------------------------------------------------------
@@ -307,12 +320,13 @@ class Worker:
                 f"max_tokens is {max_tokens} but this worker allows at most {self.config.max_tokens_out}",
                 field="max_tokens",
             )
+        # generation stops at the end of the context: what does not fit is cut, reported as max_tokens
+        room = self.n_ctx - len(prompt_ids)
+        self._check_cache_room(len(prompt_ids), min(max_tokens, room))
         seed = sampling.get("seed")
         if seed is None:
             seed = secrets.randbits(64)
         params = SamplingParams(**{**sampling, "seed": int(seed)})
-        # generation stops at the end of the context: what does not fit is cut, reported as max_tokens
-        room = self.n_ctx - len(prompt_ids)
         return Job(
             job_id=job_id,
             prompt_ids=prompt_ids,
@@ -323,6 +337,43 @@ class Worker:
             prompt=prompt if isinstance(prompt, str) else "",
             api=api,
         )
+
+    def _check_cache_room(self, n_prompt: int, max_tokens: int) -> None:
+        """Refuse a job the KV cache could never hold, even alone (the cache is smaller than the context)."""
+        engine = self.engine
+        if engine is None or not hasattr(engine, "blocks_needed"):
+            return
+        need, pool = engine.blocks_needed(n_prompt, max_tokens), engine.cache.n_blocks
+        if need > pool:
+            raise InvalidRequest(
+                f"the prompt ({n_prompt} tokens) and max_tokens {max_tokens} need {need} KV cache blocks but the "
+                f"cache holds {pool} (--kv-cache-size-mb); lower max_tokens or shorten the prompt",
+                field="max_tokens",
+            )
+
+    def _prefix_cache_stats(self) -> tuple[int, int]:
+        engine = self.engine
+        stats = getattr(engine, "prefix_cache_stats", None) if engine is not None else None
+        return stats if stats is not None else (0, 0)
+
+    def _admissible(self, queue: deque[Job], taken: int) -> list[Job]:
+        """Queued jobs (from the head, in order) the engine can take now: places left in the batch, and KV cache
+        blocks it can promise (counted without prefix hits, so never more than it will need)."""
+        places = self.config.max_batch - taken
+        blocks = getattr(self.engine, "blocks_available", None)
+        room = blocks() if blocks is not None else None
+        out: list[Job] = []
+        for job in queue:
+            if len(out) >= places:
+                break
+            if room is not None:
+                need = self.engine.blocks_needed(len(job.prompt_ids), job.max_tokens)
+                never_fits = need > self.engine.cache.n_blocks  # handed over when alone: the engine refuses it
+                if need > room and (out or taken or not never_fits):
+                    break  # it waits for running jobs to give blocks back
+                room -= need
+            out.append(job)
+        return out
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a prompt. Special-token text (``<|im_start|>``, ...) is parsed as the special token, as
@@ -390,10 +441,9 @@ class Worker:
                         if j.cancel is None and j.started is not None
                         and now - j.started > self.config.inference_timeout_s
                     ]
-                    admit: list[Job] = []
-                    while self._queue and len(self._running) + len(admit) < self.config.max_batch:
-                        admit.append(self._queue.popleft())
+                    admit = self._admissible(self._queue, len(self._running))
                     for job in admit:
+                        self._queue.popleft()
                         job.state = "running"
                         self._running[job.job_id] = job
                 for job in to_cancel:
