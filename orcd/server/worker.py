@@ -136,13 +136,21 @@ class Job:
     async def next_events(self, timeout: float) -> list[Event]:
         """Every event posted since the last call, waiting up to ``timeout`` seconds for one (then ``[]``)."""
         assert self._ready is not None
-        if not self._pending:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # A wake-up scheduled by a post whose event an earlier call already took can set the flag with nothing
+        # pending: wait again until there is an event or the time is up.
+        while not self._pending:
             self._ready.clear()
-            if not self._pending:  # checked again after the clear: a post in between has set it anew
-                try:
-                    await asyncio.wait_for(self._ready.wait(), timeout)
-                except TimeoutError:
-                    return []
+            if self._pending:  # checked again after the clear: a post in between has set it anew
+                break
+            left = deadline - loop.time()
+            if left <= 0:
+                return []
+            try:
+                await asyncio.wait_for(self._ready.wait(), left)
+            except TimeoutError:
+                return []
         out = []
         while self._pending:
             out.append(self._pending.popleft())
