@@ -46,7 +46,7 @@ def batch_buckets(max_batch: int) -> list[int]:
 @dataclass
 class _BatchBucket:
     size: int
-    inputs: torch.Tensor  # (size, 2 + max_blocks) int64 on the device: token, position, block table
+    inputs: torch.Tensor  # (2 + max_blocks, size) int64 on the device: token, position, block table per column
     host: torch.Tensor  # the same on the host (pinned on CUDA), filled and copied over each step
     copied: torch.cuda.Event | None = None  # when the last copy from ``host`` finished (CUDA)
     logits: torch.Tensor | None = None  # (size, vocab) float32: where every graph of this bucket writes
@@ -106,7 +106,7 @@ class StaticDecode:
 
     def _bucket(self, size: int) -> _BatchBucket:
         if size not in self._batches:
-            shape = (size, 2 + self.max_blocks)
+            shape = (2 + self.max_blocks, size)
             on_cuda = self.cache.device.type == "cuda"
             inputs = torch.zeros(shape, dtype=torch.long, device=self.cache.device)
             host = torch.zeros(shape, dtype=torch.long, pin_memory=on_cuda)
@@ -115,30 +115,31 @@ class StaticDecode:
 
     def _write_inputs(self, bucket: _BatchBucket, tokens: list[int], positions: list[int],
                       tables: list[list[int]], width: int) -> None:
-        """One host-to-device copy of the columns this step reads, padding rows included (rows of an earlier,
-        larger batch are reset)."""
+        """One contiguous host-to-device copy of what this step reads, padding included (what an earlier, larger
+        batch left in a column is reset)."""
         if bucket.copied is not None:
             bucket.copied.synchronize()  # the previous copy out of ``host`` is done (it is, in practice)
-        host = bucket.host[:, : 2 + width]
-        host[:, :2] = 0
-        host[:, 2:] = self.cache.scratch_block
-        for row, (token, pos, table) in enumerate(zip(tokens, positions, tables)):
-            host[row, 0] = token
-            host[row, 1] = pos
-            host[row, 2 : 2 + len(table)] = torch.tensor(table[:width], dtype=torch.long)
-        bucket.inputs[:, : 2 + width].copy_(host, non_blocking=True)
+        host = bucket.host[: 2 + width]
+        host[:2] = 0
+        host[2:] = self.cache.scratch_block
+        n = len(tokens)
+        host[0, :n] = torch.tensor(tokens, dtype=torch.long)
+        host[1, :n] = torch.tensor(positions, dtype=torch.long)
+        for col, table in enumerate(tables):
+            host[2 : 2 + min(len(table), width), col] = torch.tensor(table[:width], dtype=torch.long)
+        bucket.inputs[: 2 + width].copy_(host, non_blocking=True)
         if bucket.copied is not None:
             bucket.copied.record()
 
     def _forward(self, bucket: _BatchBucket, width: int) -> torch.Tensor:
         inputs = bucket.inputs
         batch = ForwardBatch(
-            tokens=inputs[:, 0:1],
-            positions=inputs[:, 1:2],
+            tokens=inputs[0].unsqueeze(1),
+            positions=inputs[1].unsqueeze(1),
             cache=self.cache,
             slots=[-1] * bucket.size,  # unused: the block tables are given
             kv_length=width * self.block_size,
-            block_tables=inputs[:, 2 : 2 + width],
+            block_tables=inputs[2 : 2 + width].t(),
         )
         return self.model(batch)
 
@@ -149,6 +150,7 @@ class StaticDecode:
     def _try_capture(self, bucket: _BatchBucket, width: int) -> torch.cuda.CUDAGraph | None:
         """Capture the forward of ``bucket`` at ``width`` blocks. The inputs already hold this step's values;
         warm-up runs write their keys and values where this step's forward will write them again."""
+        caller_stream = torch.cuda.current_stream()
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -164,7 +166,13 @@ class StaticDecode:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 bucket.logits.copy_(self._forward(bucket, width))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.set_stream(caller_stream)
+            raise  # the engine reports VRAM_OOM; this bucket may be captured at a later step
         except RuntimeError as e:
+            # a capture that failed may leave its capture stream current (torch ends the stream context only
+            # after a successful end of capture)
+            torch.cuda.set_stream(caller_stream)
             self._eager_from = bucket.size if self._eager_from is None else min(self._eager_from, bucket.size)
             log.warning("the decode step of %d sequences cannot be captured in a CUDA graph (%s); batches of %d "
                         "and more run eagerly", bucket.size, str(e).splitlines()[0] if str(e) else type(e).__name__,
