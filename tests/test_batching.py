@@ -306,3 +306,33 @@ def test_job_larger_than_the_kv_cache_is_refused(model_path):
         assert r.json()["field"] == "max_tokens" and "KV cache blocks" in r.json()["message"]
     finally:
         server.stop()
+
+
+def test_serve_flags_set_the_batch_and_the_pool(model_path, capsys):
+    """``orcd serve --max-batch N --kv-cache-size-mb M``: N jobs at once, a pool of M MiB (more than one context
+    here), refused below 1; without them 4 jobs at once on the CPU and a pool of one context."""
+    from orcd import device as devmem
+    from orcd.cli import build_parser
+    from orcd.commands import serve
+    from orcd.description import open_checked
+
+    parse = build_parser().parse_args
+    assert serve.run(parse(["serve", "--model", str(model_path), "--max-batch", "0", "--port", "0"])) == 1
+    assert capsys.readouterr().err.strip() == "orcd serve: error: --max-batch 0: must be at least 1"
+    plugins = make_plugin_manager("quant_formats", "llama_adapter")
+    _, config = open_checked(model_path, plugins)
+    cpu = torch.device("cpu")
+    per_token = devmem.kv_bytes_per_token(config, 4)
+    for argv, batch, pool in ((["--max-batch", "3", "--kv-cache-size-mb", "64"], 3, 64 * 2**20 // per_token),
+                              ([], 4, config.context_length)):
+        args = parse(["serve", "--model", str(model_path), *argv])
+        n_ctx = devmem.serving_context(config, cpu, args.kv_cache_size_mb)
+        tokens = serve.kv_pool_tokens(config, cpu, args.kv_cache_size_mb, n_ctx)
+        assert (n_ctx, tokens) == (config.context_length, pool)
+        worker = serve.load_worker(args, {"device": cpu, "worker_id": "00000000-0000-4000-8000-000000000001"},
+                                   plugins, model_path, n_ctx, True, tokens)
+        try:
+            assert worker.config.max_batch == worker.engine.max_batch == batch
+            assert worker.kv_cache_bytes == -(-pool // 16) * 16 * per_token
+        finally:
+            worker.close()
