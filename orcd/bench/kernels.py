@@ -181,7 +181,8 @@ def _moe_grouped(x: torch.Tensor, weight: QuantizedTensor, ids: torch.Tensor) ->
 
 def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: torch.device, repeat: int,
           rng: np.random.Generator) -> list[dict]:
-    """Seconds per call of every launch configuration in a grid (the GEMV grid for ``m <= 4``, else tl.dot)."""
+    """Seconds per call of every launch configuration in a grid: decode kernel shapes for ``m <= 4``, tl.dot shapes
+    for ``m > 1`` (both where they overlap, to place the switch between them)."""
     from orcd_quant_formats.kernels import matmul
 
     spec = matmul.SPECS[int(fmt.ggml_type)]
@@ -189,16 +190,17 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
     weights = _weights(fmt, (n, k), _copies(bytes_one, device), device, rng)
     x = torch.randn(m, k, device=device, dtype=dtype)
     default = matmul.pick_config(spec, m, n, k)
+    grid = []
     if m <= matmul.FMA_MAX_ROWS:
-        grid = [matmul.Config(bm=default.bm, bn=bn, step=step, dot=False, split=split, warps=warps)
-                for bn in (4, 8, 16, 32) for step in (128, 256, 512) for warps in (2, 4, 8) for split in (0, 1)]
-    else:
-        grid = [matmul.Config(bm=bm, bn=bn, step=step, dot=True, split=0, warps=warps, stages=stages)
-                for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128), (128, 256))
-                for step in (32, 64, 128) for warps in (4, 8) for stages in (2, 3)]
+        grid += [matmul.Config(bm=m, bn=bn, dot=False, nb=nb, split=split, warps=warps)
+                 for bn in (8, 16, 32, 64) for nb in (8, 16, 32) for warps in (2, 4, 8) for split in (0, 1)]
+    if m > 1:
+        grid += [matmul.Config(bm=bm, bn=bn, dot=True, step=step, split=0, warps=warps, stages=stages)
+                 for bm, bn in ((16, 64), (32, 64), (64, 64), (128, 64), (64, 128), (128, 128), (128, 256))
+                 if bm <= max(16, 2 * m) for step in (32, 64, 128) for warps in (4, 8) for stages in (2, 3)]
     results = []
     for cfg in [default, *grid]:
-        if cfg.step > spec.super_block and spec.super_block > 32 or cfg.step % spec.group:
+        if cfg.dot and (cfg.step > spec.super_block > 32 or cfg.step % spec.group):
             continue
         fns = [lambda w=w, cfg=cfg: matmul.linear(x, w.data, int(fmt.ggml_type), n, k, None, config=cfg)
                for w in weights]

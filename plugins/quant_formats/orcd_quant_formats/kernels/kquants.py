@@ -4,6 +4,12 @@ A tile covers ``G`` sub-blocks of one super-block (``G * L`` divides 256; caller
 and rows are whole super-blocks long, so no tile is partial): Q4_K/Q5_K sub-blocks of 32 (``L = 32``), Q6_K
 sub-blocks of 16 (``L = 16``). Values follow gguf's float32 operations (``(d*sc)*q - (dmin*m)``, ``(d*sc)*q``), so
 tiles are bit-exact with the reference dequantizers.
+
+The ``*_dot`` functions serve decode: for a ``(BN, NB)`` grid of (weight row, unit) pairs, the sum over the unit
+(64 values, a quarter of a super-block) of ``w * x`` for one row of ``x``. Codes
+are read as uint16 words (every field sits at an even offset) and decoded with ``magic`` (see ``common``) at their
+bit positions; sub-block scales (and mins, through the sum of x over the sub-block) are applied once per sub-block:
+``sum_i ((d sc) q_i - dmin m) x_i = (d sc) sum_i q_i x_i - (dmin m) sum_i x_i``.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from orcd_quant_formats.kernels.common import load_bytes, load_f16
+from orcd_quant_formats.kernels.common import as_u16, f16_u16, load_bytes, load_f16, load_u16, unmagic, x_at
 
 
 @triton.jit
@@ -73,3 +79,98 @@ def q6_k_tile(w_ptr, row_off, k0, K, G: tl.constexpr):
     q = (low | (high << 4)) - 32
     sc = tl.load(block + 192 + u).to(tl.int8, bitcast=True).to(tl.float32)
     return q.to(tl.float32) * (load_f16(block + 208) * sc)
+
+
+# --- decode: per-unit dot products ------------------------------------------------------------------------------
+#
+# The decode kernel walks K-quant rows in units of 64 values, four per super-block, so that a step holds few enough
+# values per thread to stay in registers: ``base`` points at the super-block, ``u`` ``(1, NB)`` is the unit in it
+# (0..3), ``xs`` ``(NB,)`` points at x for the super-block's first value.
+
+
+@triton.jit
+def _q45_k_dot(base, u, xs, magic, HIGH_BIT: tl.constexpr):
+    """Q4_K (``HIGH_BIT`` False: codes at 16) or Q5_K (bit 4 from ``qh`` at 16, codes at 48). Unit ``u`` is qs bytes
+    32 u .. 32 u + 31: low nibbles are sub-block 2u, high nibbles sub-block 2u + 1; word j holds values 2j (bits 0-3)
+    and 2j + 1 (8-11) of the first, 2j (4-7) and 2j + 1 (12-15) of the second."""
+    d = f16_u16(as_u16(base))
+    dmin = f16_u16(as_u16(base) + 1)
+    qs16 = as_u16(base + (48 if HIGH_BIT else 16) + 32 * u)
+    xb = xs + 64 * u
+    a0 = tl.zeros(base.shape, tl.float32)
+    a8 = tl.zeros(base.shape, tl.float32)
+    b4 = tl.zeros(base.shape, tl.float32)
+    b12 = tl.zeros(base.shape, tl.float32)
+    xa = tl.zeros(base.shape, tl.float32)
+    xz = tl.zeros(base.shape, tl.float32)
+    for j in tl.static_range(16):
+        w = load_u16(qs16 + j)
+        if HIGH_BIT:
+            # qh byte i holds bit 4 of value 32 s + i in its bit s: sub-blocks 2u and 2u + 1 are bits 2u, 2u + 1
+            hu = load_u16(as_u16(base + 16) + j) >> (2 * u)
+            h0 = ((hu << 4) & 0x10) | magic
+            h8 = ((hu << 4) & 0x1000) | magic
+            h4 = ((hu << 7) & 0x100) | magic
+            h12 = ((hu << 7) & 0x10000) | magic
+        else:
+            h0 = magic
+            h8 = magic
+            h4 = magic
+            h12 = magic
+        x0 = x_at(xb, 2 * j)
+        x1 = x_at(xb, 2 * j + 1)
+        x32 = x_at(xb, 32 + 2 * j)
+        x33 = x_at(xb, 33 + 2 * j)
+        a0 += unmagic((w & 0xF) | h0, 0.0) * x0
+        a8 += unmagic((w & 0xF00) | h8, 0.0) * x1
+        b4 += unmagic((w & 0xF0) | h4, 0.0) * x32
+        b12 += unmagic((w & 0xF000) | h12, 0.0) * x33
+        xa += x0 + x1
+        xz += x32 + x33
+    sc_a, mn_a = scale_min(base, 2 * u)
+    sc_b, mn_b = scale_min(base, 2 * u + 1)
+    total = (d * sc_a.to(tl.float32)) * (a0 + a8 * (1.0 / 256)) - (dmin * mn_a.to(tl.float32)) * xa
+    return total + (d * sc_b.to(tl.float32)) * (b4 * (1.0 / 16) + b12 * (1.0 / 4096)) - (dmin * mn_b.to(tl.float32)) * xz
+
+
+@triton.jit
+def q4_k_dot(base, u, xs, magic):
+    return _q45_k_dot(base, u, xs, magic, False)
+
+
+@triton.jit
+def q5_k_dot(base, u, xs, magic):
+    return _q45_k_dot(base, u, xs, magic, True)
+
+
+@triton.jit
+def q6_k_dot(base, u, xs, magic):
+    # Value v = 128 h + 32 f + i (half h, field f): low 4 bits are nibble f // 2 of ql[64 h + 32 (f % 2) + i], high
+    # 2 bits field f of qh[32 h + i]. Unit u = 2h + f (f in 0, 1) is the ql bytes 64 h + 32 f .. + 31: word t (bytes
+    # j0 = 2t, 2t + 1) holds values 32 f + j0 (bits 0-3), 32 (f + 2) + j0 (4-7), 32 f + j0 + 1 (8-11),
+    # 32 (f + 2) + j0 + 1 (12-15), and the qh word at 32 h + j0 their high bits at 2f, 2f + 4, 2f + 8, 2f + 12: one
+    # shift by 4 - 2f puts each above its nibble. Sub-blocks of 16: 8h + 2f (+1 for j0 >= 16), +4 for fields f + 2.
+    h = u // 2
+    f = u % 2
+    ql16 = as_u16(base + 64 * h + 32 * f)
+    qh16 = as_u16(base + 128 + 32 * h)
+    xb = xs + 128 * h + 32 * f
+    d = f16_u16(as_u16(base + 208))
+    total = tl.zeros(base.shape, tl.float32)
+    for half in tl.static_range(2):
+        a0 = tl.zeros(base.shape, tl.float32)
+        a4 = tl.zeros(base.shape, tl.float32)
+        a8 = tl.zeros(base.shape, tl.float32)
+        a12 = tl.zeros(base.shape, tl.float32)
+        for t in tl.static_range(8 * half, 8 * half + 8):
+            w = load_u16(ql16 + t)
+            hs = (load_u16(qh16 + t) << 4) >> (2 * f)
+            a0 += unmagic((w & 0xF) | ((hs & 0x30) | magic), 32.0) * x_at(xb, 2 * t)
+            a4 += unmagic((w & 0xF0) | ((hs & 0x300) | magic), 32.0 * 16) * x_at(xb, 64 + 2 * t)
+            a8 += unmagic((w & 0xF00) | ((hs & 0x3000) | magic), 32.0 * 256) * x_at(xb, 2 * t + 1)
+            a12 += unmagic((w & 0xF000) | ((hs & 0x30000) | magic), 32.0 * 4096) * x_at(xb, 65 + 2 * t)
+        sub = 8 * h + 2 * f + half
+        sc_a = tl.load(base + 192 + sub).to(tl.int8, bitcast=True).to(tl.float32)
+        sc_b = tl.load(base + 196 + sub).to(tl.int8, bitcast=True).to(tl.float32)
+        total += (d * sc_a) * (a0 + a8 * (1.0 / 256)) + (d * sc_b) * (a4 * (1.0 / 16) + a12 * (1.0 / 4096))
+    return total

@@ -1,17 +1,15 @@
-"""The fused dequantize-matmul kernel: ``out = x @ W.T (+ bias)`` with ``W`` in raw ggml blocks, never materialised.
+"""Fused dequantize-matmul: ``out = x @ W.T (+ bias)`` with ``W`` in raw ggml blocks, never materialised; and the
+launcher that picks between the two kernels.
 
-One Triton kernel serves every format, both shapes of work and mixture-of-experts:
-
-- each program owns ``BM`` rows of ``x`` and ``BN`` rows of ``W`` (output columns) and walks ``K`` in steps of
-  ``G * L`` values; per step the format's tile function decodes ``(BN, G, L)`` weights in registers (fp32, bit-exact
-  with the reference dequantizer);
-- *decode* (``USE_DOT = False``, few rows of ``x``): every ``x`` row multiplies the tile elementwise in fp32 and is
-  summed; the weight bytes are read once whatever ``BM`` is, so the kernel is bound by memory bandwidth;
-- *prefill/batches* (``USE_DOT = True``): the tile is cast to ``x``'s dtype (as the reference path casts its
-  weights) and fed to ``tl.dot`` with fp32 accumulation. fp32 ``x`` uses IEEE fp32 products unless torch allows
-  TF32 (``torch.backends.cuda.matmul.allow_tf32``), matching what ``x @ w.T`` does;
-- split-K: when the output alone gives too few programs to fill the device, ``K`` is cut into ``SPLIT`` chunks whose
-  fp32 partial sums are added by torch afterwards (deterministic, no atomics);
+- *decode* (``gemv.gemv_kernel``, up to ``FMA_MAX_ROWS`` rows of ``x`` per weight block): fp32 multiply-adds,
+  weights read once, bound by memory bandwidth;
+- *prefill/batches* (``qmm_kernel`` here): each program owns ``BM`` rows of ``x`` and ``BN`` weight rows and walks
+  ``K`` in steps of ``G * L`` values; per step the format's tile function decodes ``(BN, G, L)`` weights in
+  registers (fp32, bit-exact with the reference dequantizer), which are cast to ``x``'s dtype (as the reference
+  path casts its weights) and fed to ``tl.dot`` with fp32 accumulation. fp32 ``x`` uses TF32 products where torch
+  allows TF32 for its own matmuls and three TF32 products per term (``tf32x3``, about fp32 accuracy) otherwise;
+- split-K: when the output alone gives too few programs to fill the device, ``K`` is cut into chunks whose fp32
+  partial sums torch adds afterwards (deterministic, no atomics);
 - experts (``GROUPED``): ``x`` rows are (token, expert) pairs sorted by expert and cut into blocks of ``BM`` pairs of
   one expert, so each chosen expert's weights are read once per block and unchosen experts not at all. The block
   table is built on the device (no host sync), sized for the worst case; unused blocks do no work.
@@ -32,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from orcd_quant_formats.kernels.common import MAGIC_BITS
+from orcd_quant_formats.kernels.gemv import gemv_kernel
 from orcd_quant_formats.kernels.kquants import q4_k_tile, q5_k_tile, q6_k_tile
 from orcd_quant_formats.kernels.legacy import (
     q4_0_tile,
@@ -109,7 +109,7 @@ def qmm_kernel(
     block_expert_ptr, block_start_ptr, block_end_ptr, sorted_ptr,
     M, N, K, stride_xm, stride_wn, stride_we, stride_om, k_chunk, part_stride,
     FMT: tl.constexpr, G: tl.constexpr, L: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    USE_DOT: tl.constexpr, X_F32: tl.constexpr, PRECISION: tl.constexpr,
+    X_F32: tl.constexpr, PRECISION: tl.constexpr,
     GROUPED: tl.constexpr, X_DIV: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
 ):
     STEP: tl.constexpr = G * L
@@ -144,29 +144,14 @@ def qmm_kernel(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(k_start, k_end, STEP):
         w = weight_tile(w_base, row_off, k0, K, FMT, G)
-        if USE_DOT:
-            kk = k0 + tl.arange(0, STEP)
-            xt = tl.load(x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + kk[None, :],
-                         mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
-            wt = tl.trans(tl.reshape(w, (BN, STEP)).to(xt.dtype))
-            if X_F32:
-                acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-            else:
-                acc = tl.dot(xt, wt, acc)
+        kk = k0 + tl.arange(0, STEP)
+        xt = tl.load(x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + kk[None, :],
+                     mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+        wt = tl.trans(tl.reshape(w, (BN, STEP)).to(xt.dtype))
+        if X_F32:
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         else:
-            kk = k0 + tl.arange(0, G)[:, None] * L + tl.arange(0, L)[None, :]
-            for i in tl.static_range(BM):
-                if GROUPED:
-                    ok = p_lo + i < p_hi
-                    pair_i = tl.load(sorted_ptr + p_lo + i, mask=ok, other=0)
-                    x_row = pair_i // X_DIV
-                else:
-                    x_row = pid_m * BM + i
-                    ok = x_row < M
-                # (a scalar-and-tensor mask is written as one comparison: the interpreter rejects ``ok & (kk < K)``)
-                xi = tl.load(x_ptr + x_row.to(tl.int64) * stride_xm + kk, mask=kk < tl.where(ok, K, 0), other=0.0)
-                part = tl.sum(tl.sum(w * xi.to(tl.float32)[None, :, :], axis=2), axis=1)
-                acc = tl.where(offs_m[:, None] == i, acc + part[None, :], acc)
+            acc = tl.dot(xt, wt, acc)
 
     mask = m_ok[:, None] & n_ok[None, :]
     if PARTIAL:
@@ -185,20 +170,22 @@ def qmm_kernel(
 
 # --- launch configuration -------------------------------------------------------------------------------------------
 
-FMA_MAX_ROWS = 4  # up to this many x rows per weight tile: elementwise fp32 (decode); more: tl.dot
+FMA_MAX_ROWS = 4  # up to this many x rows per weight block: the decode kernel; more: tl.dot
 PROGRAMS_PER_SM = 4  # split K until the grid has about this many programs per multiprocessor
 MIN_STEPS_PER_SPLIT = 2
 
 
 @dataclass(frozen=True)
 class Config:
-    """One launch's shape: ``bm`` x rows and ``bn`` weight rows per program, ``step`` values of K per iteration,
-    ``dot`` (tl.dot) or elementwise, ``split`` chunks of K (0: choose from the grid size), warps and stages."""
+    """One launch's shape. ``dot``: the tl.dot kernel with ``bm`` x rows and ``bn`` weight rows per program and
+    ``step`` values of K per iteration; else the decode kernel with ``bm`` (<= 4) x rows, ``bn`` weight rows and
+    ``nb`` units per iteration (32-value blocks; K-quants: 64-value quarters of super-blocks). ``split``: chunks of K (0: chosen from the grid size)."""
 
     bm: int
     bn: int
-    step: int
     dot: bool
+    step: int = 64
+    nb: int = 0
     split: int = 0
     warps: int = 4
     stages: int = 2
@@ -211,10 +198,12 @@ def _pow2_at_least(n: int) -> int:
 def pick_config(spec: Spec, rows: int, N: int, K: int) -> Config:
     """The launch for ``rows`` rows of x per block of work (all of x, or one expert's pairs)."""
     if rows <= FMA_MAX_ROWS:
-        return Config(bm=_pow2_at_least(rows), bn=16, step=256, dot=False)
+        if spec.block_size == 256:  # units of 64 values
+            return Config(bm=rows, bn=32, dot=False, nb=16, warps=4)
+        return Config(bm=rows, bn=16, dot=False, nb=32, warps=4)
     bm = min(128, max(16, _pow2_at_least(rows)))
     bn = 64 if bm <= 64 else 128
-    return Config(bm=bm, bn=bn, step=64, dot=True, warps=8 if bm * bn >= 128 * 128 else 4, stages=2)
+    return Config(bm=bm, bn=bn, dot=True, step=64, warps=8 if bm * bn >= 128 * 128 else 4, stages=2)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -234,21 +223,24 @@ def _multiprocessors(device: torch.device) -> int:
     return _SM_COUNT[device]
 
 
-def _split(cfg: Config, programs: int, K: int, device: torch.device) -> tuple[int, int]:
-    """``(splits, k_chunk)``: K cut so that ``programs * splits`` fills the device (or ``cfg.split`` if set)."""
-    steps = triton.cdiv(K, cfg.step)
-    split = cfg.split
+def _split(split: int, programs: int, steps: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, steps per split)``: ``steps`` iterations cut so that ``programs * splits`` fills the device (or
+    into ``split`` chunks if that is set)."""
     if split <= 0:
         target = PROGRAMS_PER_SM * _multiprocessors(device)
         split = 1 if programs >= target else min(triton.cdiv(target, programs), steps // MIN_STEPS_PER_SPLIT)
     split = max(1, min(split, steps))
-    k_chunk = triton.cdiv(steps, split) * cfg.step
-    return triton.cdiv(K, k_chunk), k_chunk
+    per_split = triton.cdiv(steps, split)
+    return triton.cdiv(steps, per_split), per_split
 
 
 def _checked(spec: Spec, cfg: Config, K: int) -> Config:
     if K % spec.super_block:
         raise ValueError(f"row length {K} is not a multiple of {spec.super_block}")
+    if not cfg.dot:
+        if not 1 <= cfg.bm <= FMA_MAX_ROWS or cfg.nb < 1 or cfg.nb & (cfg.nb - 1) or cfg.bn & (cfg.bn - 1):
+            raise ValueError(f"decode launch {cfg}: bm must be 1..{FMA_MAX_ROWS}, nb and bn powers of two")
+        return cfg
     step = cfg.step
     if spec.super_block > 32:
         step = min(step, spec.super_block)  # a K-quant tile stays inside one super-block
@@ -272,10 +264,13 @@ _NO_TF32X3: set[str] = set()  # non-empty once tf32x3 failed to compile here
 
 @functools.lru_cache(maxsize=4096)
 def _plan(ggml_type: int, cfg: Config, m_blocks: int, N: int, K: int, device: torch.device) -> tuple[Config, int, int]:
-    """The checked configuration, number of K splits and K chunk of one launch (cached: decode calls repeat)."""
-    cfg = _checked(SPECS[ggml_type], cfg, K)
-    split, k_chunk = _split(cfg, m_blocks * triton.cdiv(N, cfg.bn), K, device)
-    return cfg, split, k_chunk
+    """The checked configuration, number of K splits and K chunk (values) of one launch (cached: decode calls
+    repeat)."""
+    spec = SPECS[ggml_type]
+    cfg = _checked(spec, cfg, K)
+    per_step = cfg.step if cfg.dot else cfg.nb * (64 if spec.block_size == 256 else spec.block_size)
+    split, steps = _split(cfg.split, m_blocks * triton.cdiv(N, cfg.bn), triton.cdiv(K, per_step), device)
+    return cfg, split, steps * per_step
 
 
 def _launch(
@@ -291,27 +286,30 @@ def _launch(
     else:
         out = torch.empty((out_rows, N), dtype=x.dtype, device=x.device)
     meta = grouped if grouped is not None else (x, x, x, x)  # unused pointers when not grouped
-    precision = _dot_precision(x)
-
-    def launch(precision: str) -> None:
-        qmm_kernel[(m_blocks, triton.cdiv(N, cfg.bn), split)](
-            x, data, bias if bias is not None else x, out, *meta,
-            x.shape[0], N, K, x.stride(0), data.stride(0), expert_stride, out.stride(-2), k_chunk, out_rows * N,
-            FMT=ggml_type, G=cfg.step // spec.group, L=spec.group, BM=cfg.bm, BN=cfg.bn,
-            USE_DOT=cfg.dot, X_F32=x.dtype == torch.float32, PRECISION=precision,
-            GROUPED=grouped is not None, X_DIV=x_div, HAS_BIAS=bias is not None, PARTIAL=partial,
-            num_warps=cfg.warps, num_stages=cfg.stages,
-        )
-
-    if precision == "tf32x3" and cfg.dot:
-        try:
-            launch(precision)
-        except Exception as e:  # noqa: BLE001 -- a Triton without tf32x3 for this dot: IEEE products instead
-            _NO_TF32X3.add(f"{type(e).__name__}: {e}".splitlines()[0])
-            warnings.warn(f"fp32 tl.dot with tf32x3 failed ({next(iter(_NO_TF32X3))}); using ieee", stacklevel=2)
-            launch("ieee")
+    grid = (m_blocks, triton.cdiv(N, cfg.bn), split)
+    common = (x, data, bias if bias is not None else x, out, *meta,
+              x.shape[0], N, K, x.stride(0), data.stride(0), expert_stride, out.stride(-2))
+    flags = dict(FMT=ggml_type, BM=cfg.bm, BN=cfg.bn, GROUPED=grouped is not None, X_DIV=x_div,
+                 HAS_BIAS=bias is not None, PARTIAL=partial, num_warps=cfg.warps, num_stages=cfg.stages)
+    if not cfg.dot:
+        units = 4 if spec.block_size == 256 else 1
+        gemv_kernel[grid](*common, k_chunk * units // spec.block_size, out_rows * N, MAGIC_BITS,
+                          QK=spec.block_size, TYPE_SIZE=spec.type_size, UNITS=units, NB=cfg.nb, **flags)
     else:
-        launch(precision)
+        def launch(precision: str) -> None:
+            qmm_kernel[grid](*common, k_chunk, out_rows * N, G=cfg.step // spec.group, L=spec.group,
+                             X_F32=x.dtype == torch.float32, PRECISION=precision, **flags)
+
+        precision = _dot_precision(x)
+        if precision == "tf32x3":
+            try:
+                launch(precision)
+            except Exception as e:  # noqa: BLE001 -- a Triton without tf32x3 for this dot: IEEE products instead
+                _NO_TF32X3.add(f"{type(e).__name__}: {e}".splitlines()[0])
+                warnings.warn(f"fp32 tl.dot with tf32x3 failed ({next(iter(_NO_TF32X3))}); using ieee", stacklevel=2)
+                launch("ieee")
+        else:
+            launch(precision)
     if not partial:
         return out
     result = out.sum(dim=0)
@@ -343,7 +341,7 @@ def linear(
 
 
 def expert_blocks(ids: torch.Tensor, n_expert: int, bm: int) -> tuple[torch.Tensor, ...]:
-    """The block table of the grouped kernel, built on ``ids``'s device without a host sync.
+    """The block table of the grouped kernels, built on ``ids``'s device without a host sync.
 
     Pairs (rows of ``ids``, flattened) are sorted by expert; each expert's pairs are cut into blocks of at most
     ``bm``. Returns ``(block_expert, block_start, block_end, sorted_pairs)`` (int32): block ``b`` runs expert

@@ -1,0 +1,164 @@
+"""The decode kernel: ``out = x @ W.T (+ bias)`` for a few rows of ``x`` (up to 4), bound by reading ``W`` once.
+
+A program owns ``BN`` weight rows and walks ``K`` ``NB`` units at a time: a unit is a block (32 values) of the legacy
+formats and MXFP4, a quarter of a super-block (64 values) of the K-quants. Each step is a ``(BN, NB)`` grid of
+(row, unit) pairs, and every quantity in it (the block's codes word by word, its scales, the
+running sums) has that same shape, so the compiler keeps one register layout throughout: no tile is moved through
+shared memory. The format's ``*_dot`` function returns, per pair, the block's dot product with one row of ``x``
+(fp32 throughout); the sums stay per pair until the end, when each row's are added. ``x`` values are shared by the
+rows of a pair grid's column, which a thread holds together.
+
+Blocks past the end of a program's range are clamped to the last valid block (no masked loads in the loop) and
+their products discarded. The same grouping of (token, expert) pairs as ``matmul`` serves mixture-of-experts.
+"""
+
+from __future__ import annotations
+
+import gguf
+import triton
+import triton.language as tl
+
+from orcd_quant_formats.kernels.kquants import q4_k_dot, q5_k_dot, q6_k_dot
+from orcd_quant_formats.kernels.legacy import q4_0_dot, q4_1_dot, q5_0_dot, q5_1_dot, q8_0_dot
+from orcd_quant_formats.kernels.mxfp4 import mxfp4_dot
+
+T = gguf.GGMLQuantizationType
+_Q4_0 = tl.constexpr(int(T.Q4_0))
+_Q4_1 = tl.constexpr(int(T.Q4_1))
+_Q5_0 = tl.constexpr(int(T.Q5_0))
+_Q5_1 = tl.constexpr(int(T.Q5_1))
+_Q8_0 = tl.constexpr(int(T.Q8_0))
+_Q4_K = tl.constexpr(int(T.Q4_K))
+_Q5_K = tl.constexpr(int(T.Q5_K))
+_Q6_K = tl.constexpr(int(T.Q6_K))
+_MXFP4 = tl.constexpr(int(T.MXFP4))
+
+
+@triton.jit
+def block_dot(FMT: tl.constexpr, base, u, xb, MAGIC):
+    """Per (row, unit) pair: the unit's ``sum w x`` (fp32 ``(BN, NB)``); ``base`` points at the blocks, ``u`` is the
+    unit in the block (K-quants: 0..3), ``xb`` points at x for the block's first value."""
+    if FMT == _Q4_0:
+        r = q4_0_dot(base, u, xb, MAGIC)
+    elif FMT == _Q4_1:
+        r = q4_1_dot(base, u, xb, MAGIC)
+    elif FMT == _Q5_0:
+        r = q5_0_dot(base, u, xb, MAGIC)
+    elif FMT == _Q5_1:
+        r = q5_1_dot(base, u, xb, MAGIC)
+    elif FMT == _Q8_0:
+        r = q8_0_dot(base, u, xb, MAGIC)
+    elif FMT == _Q4_K:
+        r = q4_k_dot(base, u, xb, MAGIC)
+    elif FMT == _Q5_K:
+        r = q5_k_dot(base, u, xb, MAGIC)
+    elif FMT == _Q6_K:
+        r = q6_k_dot(base, u, xb, MAGIC)
+    else:
+        tl.static_assert(FMT == _MXFP4, "no decode function for this ggml type")
+        r = mxfp4_dot(base, u, xb, MAGIC)
+    return r
+
+
+@triton.jit
+def _row(i: tl.constexpr, pid_m, M, sorted_ptr, p_lo, p_hi, BM: tl.constexpr, X_DIV: tl.constexpr,
+         GROUPED: tl.constexpr):
+    """Row ``i`` of this program's block of x rows: (x row, output row, whether it exists), scalars. A missing row
+    reads a valid row (its result is not stored)."""
+    if GROUPED:
+        ok = p_lo + i < p_hi
+        pair = tl.load(sorted_ptr + p_lo + i, mask=ok, other=0)
+        x_row = pair // X_DIV
+        o_row = pair
+    else:
+        o_row = pid_m * BM + i
+        ok = o_row < M
+        x_row = tl.minimum(o_row, M - 1)
+    return x_row, o_row, ok
+
+
+@triton.jit
+def _store_row(acc, o_row, ok, bias, out_ptr, offs_n, N, stride_om, pid_k, part_stride, PARTIAL: tl.constexpr):
+    y = tl.sum(acc, axis=1)
+    n_lim = tl.where(ok, N, 0)  # one comparison for the mask (the interpreter rejects scalar & tensor masks)
+    if PARTIAL:
+        tl.store(out_ptr + pid_k.to(tl.int64) * part_stride + o_row.to(tl.int64) * N + offs_n, y,
+                 mask=offs_n < n_lim)
+    else:
+        y += bias
+        tl.store(out_ptr + o_row.to(tl.int64) * stride_om + offs_n, y.to(out_ptr.dtype.element_ty),
+                 mask=offs_n < n_lim)
+
+
+@triton.jit
+def gemv_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    block_expert_ptr, block_start_ptr, block_end_ptr, sorted_ptr,
+    M, N, K, stride_xm, stride_wn, stride_we, stride_om, chunk_units, part_stride, MAGIC,
+    FMT: tl.constexpr, QK: tl.constexpr, TYPE_SIZE: tl.constexpr, UNITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    NB: tl.constexpr, GROUPED: tl.constexpr, X_DIV: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+):
+    tl.static_assert(BM <= 4, "the decode kernel takes at most 4 rows of x per program")
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    row_off = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
+    b_start = pid_k * chunk_units
+    b_end = tl.minimum(K // QK * UNITS, b_start + chunk_units)
+    if GROUPED:
+        expert = tl.load(block_expert_ptr + pid_m)
+        p_lo = tl.load(block_start_ptr + pid_m)
+        p_hi = tl.load(block_end_ptr + pid_m)
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        b_end = tl.where(p_hi > p_lo, b_end, b_start)  # an unused block of pairs runs no steps
+    else:
+        expert = 0
+        p_lo = 0
+        p_hi = 0
+        w_base = w_ptr
+    xr0, o0, ok0 = _row(0, pid_m, M, sorted_ptr, p_lo, p_hi, BM, X_DIV, GROUPED)
+    xr1, o1, ok1 = _row(1, pid_m, M, sorted_ptr, p_lo, p_hi, BM, X_DIV, GROUPED)
+    xr2, o2, ok2 = _row(2, pid_m, M, sorted_ptr, p_lo, p_hi, BM, X_DIV, GROUPED)
+    xr3, o3, ok3 = _row(3, pid_m, M, sorted_ptr, p_lo, p_hi, BM, X_DIV, GROUPED)
+    x0 = x_ptr + xr0.to(tl.int64) * stride_xm
+    x1 = x_ptr + xr1.to(tl.int64) * stride_xm
+    x2 = x_ptr + xr2.to(tl.int64) * stride_xm
+    x3 = x_ptr + xr3.to(tl.int64) * stride_xm
+
+    acc0 = tl.zeros((BN, NB), dtype=tl.float32)
+    acc1 = tl.zeros((BN, NB), dtype=tl.float32)
+    acc2 = tl.zeros((BN, NB), dtype=tl.float32)
+    acc3 = tl.zeros((BN, NB), dtype=tl.float32)
+    for b0 in range(b_start, b_end, NB):
+        units = b0 + tl.arange(0, NB)
+        inside = (units < b_end)[None, :]
+        units = tl.minimum(units, b_end - 1)
+        blocks = units // UNITS
+        u = (units % UNITS)[None, :]
+        base = w_base + row_off[:, None] + (blocks * TYPE_SIZE)[None, :]
+        xoff = (blocks * QK)[None, :]
+        # MAGIC as a per-thread register: a uniform one cannot share a LOP3 with a field mask
+        magic = tl.where(units >= 0, MAGIC, 0)[None, :]
+        acc0 += tl.where(inside, block_dot(FMT, base, u, x0 + xoff, magic), 0.0)
+        if BM > 1:
+            acc1 += tl.where(inside, block_dot(FMT, base, u, x1 + xoff, magic), 0.0)
+        if BM > 2:
+            acc2 += tl.where(inside, block_dot(FMT, base, u, x2 + xoff, magic), 0.0)
+        if BM > 3:
+            acc3 += tl.where(inside, block_dot(FMT, base, u, x3 + xoff, magic), 0.0)
+
+    bias = tl.zeros((BN,), dtype=tl.float32)
+    if HAS_BIAS and not PARTIAL:
+        n_ok = offs_n < N
+        if GROUPED:
+            bias = tl.load(bias_ptr + expert.to(tl.int64) * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        else:
+            bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    _store_row(acc0, o0, ok0, bias, out_ptr, offs_n, N, stride_om, pid_k, part_stride, PARTIAL)
+    if BM > 1:
+        _store_row(acc1, o1, ok1, bias, out_ptr, offs_n, N, stride_om, pid_k, part_stride, PARTIAL)
+    if BM > 2:
+        _store_row(acc2, o2, ok2, bias, out_ptr, offs_n, N, stride_om, pid_k, part_stride, PARTIAL)
+    if BM > 3:
+        _store_row(acc3, o3, ok3, bias, out_ptr, offs_n, N, stride_om, pid_k, part_stride, PARTIAL)
