@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
 import torch
+from conftest import make_plugin_manager
+from server_harness import (
+    LiveServer,
+    NoEndOfGenerationPlugin,
+    end_of_generation_ids,
+    parse_sse,
+    wait_until,
+)
 
 import orcd
-from conftest import make_plugin_manager
 from orcd.engine import Engine, FinishEvent, GenerationRequest, TokenEvent
 from orcd.loader import load_model
 from orcd.sampling import SamplerFactory, SamplingParams
-from server_harness import LiveServer, NoEndOfGenerationPlugin, end_of_generation_ids, parse_sse, wait_until
 
 
 class RecordLogits(SamplerFactory):
@@ -238,7 +245,7 @@ def test_worker_runs_jobs_at_once_each_stream_as_alone(model_path):
         assert max(running) >= 3  # they ran together, not one after the other
         for i, body in enumerate(BODIES):
             events = got[f"batch-{i}"]
-            assert [k for k, _ in events][0] == "started" and events[-1][0] == "end"
+            assert events[0][0] == "started" and events[-1][0] == "end"
             assert events[-1][1]["tokens_out"] == body["max_tokens"]
             assert texts(events) == alone[i]
         assert wait_until(lambda: server.worker.running_jobs == 0)

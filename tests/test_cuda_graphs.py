@@ -14,13 +14,14 @@ flat across replays, the fused FP16 attention against float32, and a worker serv
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from conftest import make_plugin_manager
 
 import orcd
-from conftest import make_plugin_manager
 from orcd.engine import Engine, GenerationRequest, TokenEvent
 from orcd.engine.graphs import StaticDecode, batch_buckets, next_power_of_two
 from orcd.loader import load_model
@@ -190,15 +191,15 @@ def compare_runs(seen: dict[str, list[torch.Tensor]], got_tag: str, want_tag: st
                  want: dict[str, list[int]], tol: float) -> None:
     """Logits within ``tol`` (relative) step by step, tokens equal, until a step where the tokens differ; that is
     only allowed where the oracle's top-2 gap is below 1e-2 (then the runs diverge and comparing stops)."""
-    for k in want:
+    for k, expected in want.items():
         for i, (x, y) in enumerate(zip(seen[f"{got_tag}-{k}"], seen[f"{want_tag}-{k}"])):
             assert relative(x, y) < tol, (k, i)
-            if got[k][i] != want[k][i]:
+            if got[k][i] != expected[i]:
                 top2 = y.topk(2).values
                 assert (top2[0] - top2[1]).item() < 1e-2, (k, i)
                 break
         else:
-            assert got[k] == want[k]
+            assert got[k] == expected
 
 
 @pytest.mark.gpu
@@ -284,7 +285,6 @@ def test_fused_half_attention_equals_float32(window):
 @pytest.mark.gpu
 def test_worker_serves_with_graphs(synth_model):
     import httpx
-
     from server_harness import LiveServer, parse_sse
 
     plugins = make_plugin_manager("quant_formats", "llama_adapter")

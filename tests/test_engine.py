@@ -3,13 +3,13 @@ seeds and a third-party sampler in the chain."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import make_plugin_manager
 
 import orcd
-from conftest import make_plugin_manager
 from orcd.engine import Engine, FinishEvent, GenerationRequest, TokenEvent
 from orcd.engine.stops import StopStrings
 from orcd.errors import Cancelled, InvalidRequest
@@ -351,7 +351,6 @@ class _RefusingSampler(SamplerFactory):
     def create(self, params: SamplingParams):
         if params.extra.get("refuse"):
             raise InvalidRequest("this sampler refuses the request", field="extra")
-        return None
 
 
 class _RefusingPlugin:

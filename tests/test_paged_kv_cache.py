@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orcd.engine import Engine, FinishEvent, GenerationRequest, KVCache, PagedKVCache, TokenEvent
+from orcd.engine import (
+    Engine,
+    FinishEvent,
+    GenerationRequest,
+    KVCache,
+    PagedKVCache,
+    TokenEvent,
+)
 from orcd.engine.blocks import BlockManager
 from orcd.errors import InvalidRequest
 from orcd.loader import load_model

@@ -5,19 +5,19 @@ pool; the hit rate in the worker's /metrics."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import httpx
 import pytest
 import torch
+from conftest import make_plugin_manager
 from prometheus_client.parser import text_string_to_metric_families
+from server_harness import LiveServer
 
 import orcd
-from conftest import make_plugin_manager
 from orcd.engine import Engine, GenerationRequest, TokenEvent
 from orcd.loader import load_model
 from orcd.sampling import SamplerFactory, SamplingParams
-from server_harness import LiveServer
 
 
 class RecordLogits(SamplerFactory):

@@ -128,8 +128,8 @@ class Engine:
 
     def __init__(
         self,
-        loaded: "LoadedModel",
-        plugins: "OrcdPluginManager",
+        loaded: LoadedModel,
+        plugins: OrcdPluginManager,
         max_batch: int = 1,
         n_ctx: int | None = None,
         *,

@@ -51,7 +51,7 @@ class KVCache:
 
     @classmethod
     def for_model(cls, config: ModelConfig, n_slots: int, n_ctx: int, device: torch.device | str,
-                  dtype: torch.dtype | None = None) -> "KVCache":
+                  dtype: torch.dtype | None = None) -> KVCache:
         return cls(config.block_count, n_slots, config.head_count_kv, config.head_dim, n_ctx, device, dtype)
 
     @property
@@ -137,7 +137,7 @@ class PagedKVCache:
     @classmethod
     def for_model(cls, config: ModelConfig, n_tokens: int, device: torch.device | str, dtype: torch.dtype | None = None,
                   block_size: int = DEFAULT_BLOCK_SIZE, prefix_cache: bool = True,
-                  scratch_block: bool = False) -> "PagedKVCache":
+                  scratch_block: bool = False) -> PagedKVCache:
         """A pool holding at least ``n_tokens`` positions (rounded up to whole blocks)."""
         n_blocks = -(-n_tokens // block_size)
         return cls(config.block_count, config.head_count_kv, config.head_dim, n_blocks, block_size, device, dtype,

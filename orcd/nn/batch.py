@@ -26,7 +26,7 @@ import torch
 
 class LayerCache(Protocol):
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: "ForwardBatch"
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k``/``v`` ``(B, H_kv, T, D)`` of layer ``layer`` at the batch's slots and positions; return the
         keys and values attention reads, ``(B, H_kv, batch.kv_length, D)``."""
