@@ -189,7 +189,7 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
     bytes_one = n * fmt.row_bytes(k)
     weights = _weights(fmt, (n, k), _copies(bytes_one, device), device, rng)
     x = torch.randn(m, k, device=device, dtype=dtype)
-    default = matmul.pick_config(spec, m, n, k)
+    default = matmul.pick_config(spec, m, n, k, matmul._multiprocessors(device))
     grid = []
     if m <= matmul.FMA_MAX_ROWS:
         grid += [matmul.Config(bm=m, bn=bn, dot=False, nb=nb, split=split, warps=warps)

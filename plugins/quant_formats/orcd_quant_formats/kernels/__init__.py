@@ -40,7 +40,10 @@ def _usable(x: torch.Tensor, weight: QuantizedTensor) -> ModuleType | None:
     mod = _matmul()
     if mod is None or int(weight.fmt.ggml_type) not in mod.SPECS:
         return None
-    if weight.shape[-1] % mod.SPECS[int(weight.fmt.ggml_type)].super_block or weight.data.stride(-1) != 1:
+    data = weight.data
+    if weight.shape[-1] % mod.SPECS[int(weight.fmt.ggml_type)].super_block or data.stride(-1) != 1:
+        return None
+    if data.data_ptr() % 2 or data.stride(0) % 2:  # the decode kernel reads block fields as uint16
         return None
     return mod
 
@@ -71,10 +74,16 @@ def expert_linear(
 
 
 class FusedLinear:
-    """Mixin for a ``QuantFormat``: ``linear`` through the fused kernels, ``None`` (reference path) elsewhere."""
+    """Mixin for a ``QuantFormat``: ``linear`` (and ``expert_linear``, for a 3-D weight of experts) through the fused
+    kernels, ``None`` (reference path) where they do not apply."""
 
     def linear(self, x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         return fused_linear(x, weight, bias)
+
+    def expert_linear(
+        self, x: torch.Tensor, weight: QuantizedTensor, ids: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        return expert_linear(x, weight, ids, bias)
 
 
 __all__ = ["FusedLinear", "expert_linear", "fused_linear", "kernels_enabled"]

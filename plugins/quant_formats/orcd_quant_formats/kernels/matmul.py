@@ -195,20 +195,27 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-def pick_config(spec: Spec, rows: int, N: int, K: int) -> Config:
-    """The launch for ``rows`` rows of x per block of work (all of x, or one expert's pairs)."""
+def pick_config(spec: Spec, rows: int, N: int, K: int, multiprocessors: int = 132) -> Config:
+    """The launch for ``rows`` rows of x per block of work (all of x, or one expert's pairs).
+
+    Decode: a warp covers 32 units of a row (legacy, MXFP4) or 16 units of 2 rows (K-quants) and each thread holds 4
+    rows of its column, so that the x values it loads serve 4 weight rows; the number of warps per program (1, 2
+    or 4) grows with N so that small matrices still spread over the device (split-K does the rest)."""
     if rows <= FMA_MAX_ROWS:
-        if spec.block_size == 256:  # units of 64 values
-            return Config(bm=rows, bn=32, dot=False, nb=16, warps=4)
-        return Config(bm=rows, bn=16, dot=False, nb=32, warps=4)
+        rows_per_warp, nb = (8, 16) if spec.block_size == 256 else (4, 32)
+        target = PROGRAMS_PER_SM * multiprocessors
+        warps = 4
+        while warps > 1 and triton.cdiv(N, rows_per_warp * warps) < target:
+            warps //= 2
+        return Config(bm=rows, bn=rows_per_warp * warps, dot=False, nb=nb, warps=warps)
     bm = min(128, max(16, _pow2_at_least(rows)))
     bn = 64 if bm <= 64 else 128
     return Config(bm=bm, bn=bn, dot=True, step=64, warps=8 if bm * bn >= 128 * 128 else 4, stages=2)
 
 
 @functools.lru_cache(maxsize=4096)
-def _picked(ggml_type: int, rows: int, N: int, K: int) -> Config:
-    return pick_config(SPECS[ggml_type], rows, N, K)
+def _picked(ggml_type: int, rows: int, N: int, K: int, multiprocessors: int) -> Config:
+    return pick_config(SPECS[ggml_type], rows, N, K, multiprocessors)
 
 
 _SM_COUNT: dict[torch.device, int] = {}
@@ -335,7 +342,7 @@ def linear(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    cfg = config or _picked(ggml_type, M, N, K)
+    cfg = config or _picked(ggml_type, M, N, K, _multiprocessors(x.device))
     out = _launch(x2, data, ggml_type, N, K, bias, cfg, triton.cdiv(M, cfg.bm), M)
     return out.reshape(*x.shape[:-1], N)
 
@@ -384,7 +391,7 @@ def expert_linear(
         raise ValueError(f"{P} expert ids for {x2.shape[0]} rows of x ({per_row} per row)")
     if P == 0:
         return x.new_empty(0, N)
-    cfg = config or _picked(ggml_type, math.ceil(P / min(n_expert, P)), N, K)
+    cfg = config or _picked(ggml_type, math.ceil(P / min(n_expert, P)), N, K, _multiprocessors(x.device))
     table = expert_blocks(ids, n_expert, cfg.bm)
     flat = ids.reshape(-1).long() if bias is not None else None
     return _launch(x2, data, ggml_type, N, K, bias, cfg, table[0].numel(), P, grouped=table, x_div=per_row,
