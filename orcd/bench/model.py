@@ -49,7 +49,13 @@ def random_prompt(tokenizer, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).choice(pool, size=n).tolist()
 
 
-def bench_orcd(path: str, device: str, prompt_tokens: int, decode_tokens: int, repeat: int) -> ModelResult:
+def engine_options(device: str, graphs: bool) -> dict:
+    """No prefix cache (repeats of one prompt would hit it and time nothing); CUDA graphs on a GPU unless off."""
+    return {"prefix_cache": False, "cuda_graphs": graphs and device.startswith("cuda")}
+
+
+def bench_orcd(path: str, device: str, prompt_tokens: int, decode_tokens: int, repeat: int,
+               graphs: bool = True) -> ModelResult:
     from orcd.engine import Engine, FinishEvent, GenerationRequest
     from orcd.loader import load_model
     from orcd.plugins import get_plugin_manager
@@ -61,7 +67,8 @@ def bench_orcd(path: str, device: str, prompt_tokens: int, decode_tokens: int, r
         torch.cuda.reset_peak_memory_stats(dev)
     loaded = load_model(path, device=device, plugins=plugins)
     ids = random_prompt(loaded.tokenizer, prompt_tokens)
-    engine = Engine(loaded, plugins, max_batch=1, n_ctx=prompt_tokens + decode_tokens)
+    engine = Engine(loaded, plugins, max_batch=1, n_ctx=prompt_tokens + decode_tokens,
+                    **engine_options(device, graphs))
     memory = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
     best: FinishEvent | None = None
     for i in range(repeat + 1):  # the first run warms up (allocator, kernels, autotuning)
@@ -79,7 +86,8 @@ def bench_orcd(path: str, device: str, prompt_tokens: int, decode_tokens: int, r
                        (decode_tokens - 1) / best.decode_time_s, memory, peak)
 
 
-def bench_orcd_streams(path: str, device: str, prompt_tokens: int, decode_tokens: int, streams: int) -> ModelResult:
+def bench_orcd_streams(path: str, device: str, prompt_tokens: int, decode_tokens: int, streams: int,
+                       graphs: bool = True) -> ModelResult:
     """``streams`` requests decoding together: aggregate decode tokens/s once all have their first token."""
     from orcd.engine import Engine, FinishEvent, GenerationRequest, TokenEvent
     from orcd.loader import load_model
@@ -88,7 +96,8 @@ def bench_orcd_streams(path: str, device: str, prompt_tokens: int, decode_tokens
 
     plugins = get_plugin_manager()
     loaded = load_model(path, device=device, plugins=plugins)
-    engine = Engine(loaded, plugins, max_batch=streams, n_ctx=prompt_tokens + decode_tokens)
+    engine = Engine(loaded, plugins, max_batch=streams, n_ctx=prompt_tokens + decode_tokens,
+                    **engine_options(device, graphs))
     best = None
     for i in range(2):  # a warm-up round, then the measured one
         for n in range(streams):
@@ -226,6 +235,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=2, help="timed runs after one warm-up (the best is reported)")
+    p.add_argument("--no-cuda-graphs", dest="graphs", action="store_false", help="decode eagerly on CUDA")
     p.add_argument("--streams", default="1", help="comma-separated concurrent stream counts for orcd, e.g. 1,8,32")
     p.add_argument("--peer", default="llama.cpp",
                    help="peers measured in the same run: llama.cpp, transformers, both comma-separated, or none")
@@ -234,10 +244,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_args(args: argparse.Namespace) -> int:
-    results = [bench_orcd(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeat)]
+    results = [bench_orcd(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeat, args.graphs)]
     for n in (int(x) for x in args.streams.split(",")):
         if n > 1:
-            results.append(bench_orcd_streams(args.model, args.device, args.prompt_tokens, args.decode_tokens, n))
+            results.append(bench_orcd_streams(args.model, args.device, args.prompt_tokens, args.decode_tokens, n,
+                                              args.graphs))
     peers = [p for p in args.peer.split(",") if p and p != "none"]
     if peers:
         from orcd.modelfile import ModelFile
