@@ -96,8 +96,8 @@ def interpreter_configs():
     return {
         "decode": matmul.Config(bm=2, bn=16, dot=False, nb=2, split=1),  # legacy: a step past the end of K
         "decode-split": matmul.Config(bm=4, bn=16, dot=False, nb=1, split=3),  # a row of x that does not exist
-        "dot": matmul.Config(bm=16, bn=16, dot=True, step=64, split=1),
-        "dot-split": matmul.Config(bm=16, bn=16, dot=True, step=32, split=2),
+        "dot": matmul.Config(bm=16, bn=16, dot=True, nb=2, split=1),  # legacy: K = 96 ends in a tail step
+        "dot-split": matmul.Config(bm=16, bn=16, dot=True, nb=1, split=2),  # one unit per step: slow on GPUs, valid
     }
 
 
@@ -247,7 +247,7 @@ def test_cuda_tiles_bit_exact(formats: dict[str, QuantFormat], name: str, path: 
     if path == "decode-f32":
         eye, config, expected = torch.eye(K, device="cuda"), matmul.Config(bm=4, bn=32, dot=False, nb=8), w
     else:
-        eye, config = torch.eye(K, device="cuda", dtype=torch.float16), matmul.Config(bm=64, bn=32, dot=True)
+        eye, config = torch.eye(K, device="cuda", dtype=torch.float16), matmul.Config(bm=64, bn=32, dot=True, nb=2)
         expected = w.astype(np.float32).astype(np.float16)
     got = matmul.linear(eye, torch.from_numpy(raw).cuda(), int(fmt.ggml_type), N, K, config=config)
     assert np.array_equal(got.T.cpu().numpy(), expected.astype(got.cpu().numpy().dtype)), f"{name} (seed {seed})"

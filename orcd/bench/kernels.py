@@ -195,18 +195,17 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
         grid += [matmul.Config(bm=m, bn=bn, dot=False, nb=nb, split=split, warps=warps)
                  for bn in (8, 16, 32, 64) for nb in (8, 16, 32) for warps in (2, 4, 8) for split in (0, 1)]
     if m > 1:
-        grid += [matmul.Config(bm=bm, bn=bn, dot=True, step=step, split=0, warps=warps, stages=stages)
+        grid += [matmul.Config(bm=bm, bn=bn, dot=True, nb=nb, split=0, warps=warps, stages=stages)
                  for bm, bn in ((16, 64), (32, 64), (64, 64), (128, 64), (64, 128), (128, 128), (128, 256))
-                 if bm <= max(16, 2 * m) for step in (32, 64, 128) for warps in (4, 8) for stages in (2, 3)]
+                 if bm <= max(16, 2 * m) for nb in (2, 4)
+                 for warps in (4, 8) for stages in (2, 3)]
     results = []
     for cfg in [default, *grid]:
-        if cfg.dot and (cfg.step > spec.super_block > 32 or cfg.step % spec.group):
-            continue
         fns = [lambda w=w, cfg=cfg: matmul.linear(x, w.data, int(fmt.ggml_type), n, k, None, config=cfg)
                for w in weights]
         try:
             seconds, _ = time_calls(fns, repeat)
-        except Exception as e:  # noqa: BLE001 -- a configuration the compiler refuses (registers, shared memory): note and go on
+        except Exception as e:  # noqa: BLE001 -- the compiler may refuse a configuration (registers, shared memory)
             results.append({"config": asdict(cfg), "seconds": None, "error": str(e).splitlines()[0][:120]})
             continue
         results.append({"config": asdict(cfg), "seconds": seconds, "default": cfg is default})

@@ -1,8 +1,15 @@
-"""Triton pieces shared by the block families: reading bytes and fp16 fields out of raw blocks.
+"""Triton pieces shared by the block families: reading block fields, decoding codes without conversions, and
+assembling tiles.
 
-A block's fp16 scale sits at an arbitrary byte offset (blocks are 17, 18, 22, 34 ... bytes long), so it is read as
-two bytes and reassembled: little-endian ``lo | hi << 8`` bit-cast to fp16, then widened to fp32 (exact). Bytes are
-widened to int32 at once, so later shifts never wrap. The ``masked_`` variants read 0 where ``mask`` is false.
+Decoding: OR-ing an unsigned integer v < 2**23 into the bits of 2**23 (0x4B000000) gives the float 2**23 + v
+exactly; subtracting 2**23 (plus any offset the format applies, folded into the same constant) leaves v - offset,
+exactly. A code sitting at bit s of a word is used in place, as v = q << s, and the 2**-s is folded into the block
+scale. So a value costs an AND-OR (one LOP3) and an add, with no int-to-float conversion. ``MAGIC`` is a kernel
+argument turned into a per-thread register (see the kernels): the compiler then keeps the field mask as the LOP3's
+immediate.
+
+Block fields sit at even byte offsets in every format but MXFP4 (blocks of 18, 20, 22, 24, 34, 144, 176, 210
+bytes), so they are read as uint16 words: fp16 scales whole, codes two bytes at a time.
 """
 
 from __future__ import annotations
@@ -10,75 +17,38 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _f16_bits(lo, hi):
-    return (lo.to(tl.uint16) | (hi.to(tl.uint16) << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+MAGIC_BITS = 0x4B000000
+TWO23: tl.constexpr = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def load_f16(ptr):
-    """The little-endian fp16 at byte pointer(s) ``ptr``, as fp32."""
-    return _f16_bits(tl.load(ptr), tl.load(ptr + 1))
+def unmagic(v, OFFSET: tl.constexpr):
+    """``float(q << s) - OFFSET`` for ``v = (q << s) | MAGIC`` with ``q << s`` below 2**23, exactly."""
+    return v.to(tl.float32, bitcast=True) - (TWO23 + OFFSET)
 
 
 @triton.jit
-def masked_f16(ptr, mask):
-    return _f16_bits(tl.load(ptr, mask=mask, other=0), tl.load(ptr + 1, mask=mask, other=0))
+def as_u16(ptr):
+    """A byte pointer as a pointer to uint16 (for fields at even offsets)."""
+    return ptr.to(tl.pointer_type(tl.uint16))
+
+
+@triton.jit
+def load_u16(ptr16):
+    """The little-endian uint16 at ``ptr16``, as int32."""
+    return tl.load(ptr16).to(tl.int32)
+
+
+@triton.jit
+def f16_u16(ptr16):
+    """The fp16 at ``ptr16``, as fp32."""
+    return tl.load(ptr16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
 def load_bytes(ptr):
     """Bytes at ``ptr`` zero-extended to int32."""
     return tl.load(ptr).to(tl.int32)
-
-
-@triton.jit
-def masked_bytes(ptr, mask):
-    return tl.load(ptr, mask=mask, other=0).to(tl.int32)
-
-
-# --- decode (GEMV) helpers ------------------------------------------------------------------------------------------
-#
-# The decode kernels turn an unsigned bit field into a float without an int-to-float conversion: OR-ing an integer
-# v < 2**23 into the bits of 2**23 (0x4B000000) gives the float 2**23 + v exactly, and subtracting 2**23 (plus any
-# offset the format applies, folded into the same constant) leaves v - offset, exactly. A field sitting at bit s of
-# a word is used in place, as v = q << s, and the 2**-s is applied once per block, not per value. So one value costs
-# an AND-OR (one LOP3), an add and a fused multiply-add with x. MAGIC is passed as a kernel argument rather than
-# written as a literal so that the compiler keeps it in a register and the field mask is the LOP3's immediate.
-MAGIC_BITS = 0x4B000000
-TWO23: tl.constexpr = tl.constexpr(8388608.0)
-
-
-@triton.jit
-def magic(bits, MAGIC, OFFSET: tl.constexpr):
-    """``float(bits) - OFFSET`` for int32 ``bits`` below 2**23, exactly (``MAGIC`` = 0x4B000000)."""
-    return (bits | MAGIC).to(tl.float32, bitcast=True) - (TWO23 + OFFSET)
-
-
-@triton.jit
-def unmagic(v, OFFSET: tl.constexpr):
-    """``magic`` for bits already OR-ed with MAGIC (a field combined from two words: OR MAGIC into the smaller part
-    first, so each combination stays one LOP3)."""
-    return v.to(tl.float32, bitcast=True) - (TWO23 + OFFSET)
-
-
-@triton.jit
-def as_u16(ptr):
-    """A byte pointer as a pointer to uint16 (the block fields used with it sit at even offsets)."""
-    return ptr.to(tl.pointer_type(tl.uint16))
-
-
-@triton.jit
-def load_u16(ptr):
-    """The little-endian uint16 at an even byte offset, as int32."""
-    return tl.load(ptr).to(tl.int32)
-
-
-@triton.jit
-def f16_u16(ptr16):
-    """The fp16 at a uint16 pointer, as fp32."""
-    return tl.load(ptr16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -93,5 +63,16 @@ def shift(v, N: tl.constexpr):
 
 @triton.jit
 def x_at(xb, OFF: tl.constexpr):
-    """x values at offset ``OFF`` of each block or unit (``xb``: ``(1, NB)`` pointers), as fp32."""
+    """x at offset ``OFF`` from each block's pointer in ``xb``, as fp32."""
     return tl.load(xb + OFF).to(tl.float32)
+
+
+@triton.jit
+def j4(a, b, c, d):
+    """Four same-shaped tensors joined along two new minor axes (``(..., 2, 2)``)."""
+    return tl.join(tl.join(a, b), tl.join(c, d))
+
+
+@triton.jit
+def j16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
+    return j4(j4(a0, a1, a2, a3), j4(a4, a5, a6, a7), j4(a8, a9, a10, a11), j4(a12, a13, a14, a15))

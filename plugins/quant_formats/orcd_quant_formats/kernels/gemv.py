@@ -95,8 +95,8 @@ def gemv_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
     block_expert_ptr, block_start_ptr, block_end_ptr, sorted_ptr,
     M, N, K, stride_xm, stride_wn, stride_we, stride_om, chunk_units, part_stride, MAGIC,
-    FMT: tl.constexpr, QK: tl.constexpr, TYPE_SIZE: tl.constexpr, UNITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    NB: tl.constexpr, GROUPED: tl.constexpr, X_DIV: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    FMT: tl.constexpr, QK: tl.constexpr, TYPE_SIZE: tl.constexpr, UNITS: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, NB: tl.constexpr, GROUPED: tl.constexpr, X_DIV: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
 ):
     tl.static_assert(BM <= 4, "the decode kernel takes at most 4 rows of x per program")
     pid_m = tl.program_id(0)

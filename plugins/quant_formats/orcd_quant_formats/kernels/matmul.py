@@ -4,9 +4,10 @@ launcher that picks between the two kernels.
 - *decode* (``gemv.gemv_kernel``, up to ``FMA_MAX_ROWS`` rows of ``x`` per weight block): fp32 multiply-adds,
   weights read once, bound by memory bandwidth;
 - *prefill/batches* (``qmm_kernel`` here): each program owns ``BM`` rows of ``x`` and ``BN`` weight rows and walks
-  ``K`` in steps of ``G * L`` values; per step the format's tile function decodes ``(BN, G, L)`` weights in
-  registers (fp32, bit-exact with the reference dequantizer), which are cast to ``x``'s dtype (as the reference
-  path casts its weights) and fed to ``tl.dot`` with fp32 accumulation. fp32 ``x`` uses TF32 products where torch
+  ``K`` ``NB`` units at a time; per step the format's tile function decodes the weights in registers (bit-exact
+  with the reference dequantizer, then cast to ``x``'s dtype as the reference path casts its weights) in the order
+  its words hold them, with the x index of each, and the gathered x tile and the weight tile go to ``tl.dot``
+  with fp32 accumulation (K's order does not matter to a dot product). fp32 ``x`` uses TF32 products where torch
   allows TF32 for its own matmuls and three TF32 products per term (``tf32x3``, about fp32 accuracy) otherwise;
 - split-K: when the output alone gives too few programs to fill the device, ``K`` is cut into chunks whose fp32
   partial sums torch adds afterwards (deterministic, no atomics);
@@ -23,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import gguf
 import torch
@@ -33,13 +34,7 @@ import triton.language as tl
 from orcd_quant_formats.kernels.common import MAGIC_BITS
 from orcd_quant_formats.kernels.gemv import gemv_kernel
 from orcd_quant_formats.kernels.kquants import q4_k_tile, q5_k_tile, q6_k_tile
-from orcd_quant_formats.kernels.legacy import (
-    q4_0_tile,
-    q4_1_tile,
-    q5_0_tile,
-    q5_1_tile,
-    q8_0_tile,
-)
+from orcd_quant_formats.kernels.legacy import q4_0_tile, q4_1_tile, q5_0_tile, q5_1_tile, q8_0_tile
 from orcd_quant_formats.kernels.mxfp4 import mxfp4_tile
 
 T = gguf.GGMLQuantizationType
@@ -47,24 +42,33 @@ T = gguf.GGMLQuantizationType
 
 @dataclass(frozen=True)
 class Spec:
-    """What the launcher needs to know about a format: its block geometry and the tile's group length ``L``."""
+    """A format's block geometry as the kernels see it: rows are walked in units of ``QK // units`` values (a block,
+    or part of a K-quant super-block: quarters for decode; quarters (Q4_K, Q5_K) or halves (Q6_K) for tl.dot, whose
+    units must be contiguous in K)."""
 
     block_size: int
     type_size: int
-    group: int  # L: values per tile group
-    super_block: int  # K must be a multiple of this; steps never cross one unless it is 32
+    dot_units: int = 1
+
+    def units(self, dot: bool) -> int:
+        if self.block_size == 32:
+            return 1
+        return self.dot_units if dot else 4
+
+    def unit(self, dot: bool) -> int:
+        return self.block_size // self.units(dot)
 
 
 SPECS: dict[int, Spec] = {
-    int(T.Q4_0): Spec(32, 18, 16, 32),
-    int(T.Q4_1): Spec(32, 20, 16, 32),
-    int(T.Q5_0): Spec(32, 22, 16, 32),
-    int(T.Q5_1): Spec(32, 24, 16, 32),
-    int(T.Q8_0): Spec(32, 34, 16, 32),
-    int(T.Q4_K): Spec(256, 144, 32, 256),
-    int(T.Q5_K): Spec(256, 176, 32, 256),
-    int(T.Q6_K): Spec(256, 210, 16, 256),
-    int(T.MXFP4): Spec(32, 17, 16, 32),
+    int(T.Q4_0): Spec(32, 18),
+    int(T.Q4_1): Spec(32, 20),
+    int(T.Q5_0): Spec(32, 22),
+    int(T.Q5_1): Spec(32, 24),
+    int(T.Q8_0): Spec(32, 34),
+    int(T.Q4_K): Spec(256, 144, dot_units=4),
+    int(T.Q5_K): Spec(256, 176, dot_units=4),
+    int(T.Q6_K): Spec(256, 210, dot_units=2),
+    int(T.MXFP4): Spec(32, 17),
 }
 
 _Q4_0 = tl.constexpr(int(T.Q4_0))
@@ -79,40 +83,64 @@ _MXFP4 = tl.constexpr(int(T.MXFP4))
 
 
 @triton.jit
-def weight_tile(w_ptr, row_off, k0, K, FMT: tl.constexpr, G: tl.constexpr):
-    """fp32 ``(BN, G, L)``: columns ``k0 .. k0 + G L`` of the rows at byte offsets ``row_off`` (format ``FMT``)."""
+def weight_tile(FMT: tl.constexpr, base, u, magic, DT: tl.constexpr):
+    """The weights of a ``(BN, NB)`` grid of (row, unit) pairs as ``(BN, NB * unit)`` in ``DT``, in K's order."""
     if FMT == _Q4_0:
-        w = q4_0_tile(w_ptr, row_off, k0, K, G)
+        w = q4_0_tile(base, u, magic, DT)
     elif FMT == _Q4_1:
-        w = q4_1_tile(w_ptr, row_off, k0, K, G)
+        w = q4_1_tile(base, u, magic, DT)
     elif FMT == _Q5_0:
-        w = q5_0_tile(w_ptr, row_off, k0, K, G)
+        w = q5_0_tile(base, u, magic, DT)
     elif FMT == _Q5_1:
-        w = q5_1_tile(w_ptr, row_off, k0, K, G)
+        w = q5_1_tile(base, u, magic, DT)
     elif FMT == _Q8_0:
-        w = q8_0_tile(w_ptr, row_off, k0, K, G)
+        w = q8_0_tile(base, u, magic, DT)
     elif FMT == _Q4_K:
-        w = q4_k_tile(w_ptr, row_off, k0, K, G)
+        w = q4_k_tile(base, u, magic, DT)
     elif FMT == _Q5_K:
-        w = q5_k_tile(w_ptr, row_off, k0, K, G)
+        w = q5_k_tile(base, u, magic, DT)
     elif FMT == _Q6_K:
-        w = q6_k_tile(w_ptr, row_off, k0, K, G)
+        w = q6_k_tile(base, u, magic, DT)
     else:
         tl.static_assert(FMT == _MXFP4, "no weight tile for this ggml type")
-        w = mxfp4_tile(w_ptr, row_off, k0, K, G)
+        w = mxfp4_tile(base, u, magic, DT)
     return w
+
+
+@triton.jit
+def _dot_step(acc, b0, u_end, w_base, row_off, x_row_ptr, MAGIC, FMT: tl.constexpr, QK: tl.constexpr,
+              TYPE_SIZE: tl.constexpr, UNITS: tl.constexpr, NB: tl.constexpr, X_F32: tl.constexpr,
+              PRECISION: tl.constexpr, TAIL: tl.constexpr):
+    """``acc += x_tile @ w_tile.T`` for units ``b0 .. b0 + NB``, whose values are K indices ``b0 * U ..
+    (b0 + NB) * U`` (``U = QK // UNITS``). The tail step (``TAIL``) clamps units past ``u_end`` to the last one and
+    reads no x for them; full steps read x unmasked."""
+    U: tl.constexpr = QK // UNITS
+    units = b0 + tl.arange(0, NB)
+    units = tl.minimum(units, u_end - 1)
+    base = w_base + row_off[:, None] + ((units // UNITS) * TYPE_SIZE)[None, :]
+    magic = tl.where(units >= 0, MAGIC, 0)[None, :]  # a per-thread register (see common)
+    w = weight_tile(FMT, base, (units % UNITS)[None, :], magic, x_row_ptr.dtype.element_ty)
+    kk = b0 * U + tl.arange(0, NB * U)
+    if TAIL:
+        xt = tl.load(x_row_ptr + kk[None, :], mask=(kk < u_end * U)[None, :], other=0.0)
+    else:
+        xt = tl.load(x_row_ptr + kk[None, :])
+    if X_F32:
+        acc = tl.dot(xt, tl.trans(w), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(xt, tl.trans(w), acc)
+    return acc
 
 
 @triton.jit
 def qmm_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
     block_expert_ptr, block_start_ptr, block_end_ptr, sorted_ptr,
-    M, N, K, stride_xm, stride_wn, stride_we, stride_om, k_chunk, part_stride,
-    FMT: tl.constexpr, G: tl.constexpr, L: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    X_F32: tl.constexpr, PRECISION: tl.constexpr,
+    M, N, K, stride_xm, stride_wn, stride_we, stride_om, chunk_units, part_stride, MAGIC,
+    FMT: tl.constexpr, QK: tl.constexpr, TYPE_SIZE: tl.constexpr, UNITS: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, NB: tl.constexpr, X_F32: tl.constexpr, PRECISION: tl.constexpr,
     GROUPED: tl.constexpr, X_DIV: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
 ):
-    STEP: tl.constexpr = G * L
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -120,8 +148,8 @@ def qmm_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < N
     row_off = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn  # rows past N re-read the last one, unstored
-    k_start = pid_k * k_chunk
-    k_end = tl.minimum(K, k_start + k_chunk)
+    u_start = pid_k * chunk_units
+    u_end = tl.minimum(K // QK * UNITS, u_start + chunk_units)
     if GROUPED:
         expert = tl.load(block_expert_ptr + pid_m)
         p_lo = tl.load(block_start_ptr + pid_m)
@@ -131,27 +159,23 @@ def qmm_kernel(
         x_rows = pair // X_DIV
         o_rows = pair
         w_base = w_ptr + expert.to(tl.int64) * stride_we
-        k_end = tl.where(p_hi > p_lo, k_end, k_start)  # an unused block runs no steps
+        u_end = tl.where(p_hi > p_lo, u_end, u_start)  # an unused block of pairs runs no steps
     else:
         expert = 0
-        p_lo = 0
-        p_hi = 0
-        x_rows = pid_m * BM + offs_m
-        o_rows = x_rows
-        m_ok = x_rows < M
+        x_rows = tl.minimum(pid_m * BM + offs_m, M - 1)  # rows past M re-read the last one, unstored
+        o_rows = pid_m * BM + offs_m
+        m_ok = o_rows < M
         w_base = w_ptr
+    x_row_ptr = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(k_start, k_end, STEP):
-        w = weight_tile(w_base, row_off, k0, K, FMT, G)
-        kk = k0 + tl.arange(0, STEP)
-        xt = tl.load(x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + kk[None, :],
-                     mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
-        wt = tl.trans(tl.reshape(w, (BN, STEP)).to(xt.dtype))
-        if X_F32:
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(xt, wt, acc)
+    full_end = u_start + (u_end - u_start) // NB * NB
+    for b0 in range(u_start, full_end, NB):
+        acc = _dot_step(acc, b0, u_end, w_base, row_off, x_row_ptr, MAGIC, FMT, QK, TYPE_SIZE, UNITS, NB, X_F32,
+                        PRECISION, False)
+    if full_end < u_end:
+        acc = _dot_step(acc, full_end, u_end, w_base, row_off, x_row_ptr, MAGIC, FMT, QK, TYPE_SIZE, UNITS, NB,
+                        X_F32, PRECISION, True)
 
     mask = m_ok[:, None] & n_ok[None, :]
     if PARTIAL:
@@ -177,15 +201,14 @@ MIN_STEPS_PER_SPLIT = 2
 
 @dataclass(frozen=True)
 class Config:
-    """One launch's shape. ``dot``: the tl.dot kernel with ``bm`` x rows and ``bn`` weight rows per program and
-    ``step`` values of K per iteration; else the decode kernel with ``bm`` (<= 4) x rows, ``bn`` weight rows and
-    ``nb`` units per iteration (32-value blocks; K-quants: 64-value quarters of super-blocks). ``split``: chunks of K (0: chosen from the grid size)."""
+    """One launch's shape: ``bm`` rows of x and ``bn`` weight rows per program, ``nb`` units (see ``Spec``: 32-value
+    blocks; K-quants: 64 values, 128 for Q6_K under tl.dot) per iteration; ``dot``: the tl.dot kernel, else the
+    decode kernel (``bm`` <= 4). ``split``: chunks of K (0: chosen from the grid size)."""
 
     bm: int
     bn: int
     dot: bool
-    step: int = 64
-    nb: int = 0
+    nb: int
     split: int = 0
     warps: int = 4
     stages: int = 2
@@ -200,9 +223,11 @@ def pick_config(spec: Spec, rows: int, N: int, K: int, multiprocessors: int = 13
 
     Decode: a warp covers 32 units of a row (legacy, MXFP4) or 16 units of 2 rows (K-quants) and each thread holds 4
     rows of its column, so that the x values it loads serve 4 weight rows; the number of warps per program (1, 2
-    or 4) grows with N so that small matrices still spread over the device (split-K does the rest)."""
+    or 4) grows with N so that small matrices still spread over the device (split-K does the rest).
+    tl.dot: 2 units per iteration (one unit makes a degenerate ``(BN, 1)`` layout that the compiler moves through
+    shared memory)."""
     if rows <= FMA_MAX_ROWS:
-        rows_per_warp, nb = (8, 16) if spec.block_size == 256 else (4, 32)
+        rows_per_warp, nb = (8, 16) if spec.block_size > 32 else (4, 32)
         target = PROGRAMS_PER_SM * multiprocessors
         warps = 4
         while warps > 1 and triton.cdiv(N, rows_per_warp * warps) < target:
@@ -210,7 +235,7 @@ def pick_config(spec: Spec, rows: int, N: int, K: int, multiprocessors: int = 13
         return Config(bm=rows, bn=rows_per_warp * warps, dot=False, nb=nb, warps=warps)
     bm = min(128, max(16, _pow2_at_least(rows)))
     bn = 64 if bm <= 64 else 128
-    return Config(bm=bm, bn=bn, dot=True, step=64, warps=8 if bm * bn >= 128 * 128 else 4, stages=2)
+    return Config(bm=bm, bn=bn, dot=True, nb=2, warps=8 if bm * bn >= 128 * 128 else 4, stages=2)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -230,30 +255,15 @@ def _multiprocessors(device: torch.device) -> int:
     return _SM_COUNT[device]
 
 
-def _split(split: int, programs: int, steps: int, device: torch.device) -> tuple[int, int]:
-    """``(splits, steps per split)``: ``steps`` iterations cut so that ``programs * splits`` fills the device (or
-    into ``split`` chunks if that is set)."""
-    if split <= 0:
-        target = PROGRAMS_PER_SM * _multiprocessors(device)
-        split = 1 if programs >= target else min(triton.cdiv(target, programs), steps // MIN_STEPS_PER_SPLIT)
-    split = max(1, min(split, steps))
-    per_split = triton.cdiv(steps, split)
-    return triton.cdiv(steps, per_split), per_split
-
-
-def _checked(spec: Spec, cfg: Config, K: int) -> Config:
-    if K % spec.super_block:
-        raise ValueError(f"row length {K} is not a multiple of {spec.super_block}")
-    if not cfg.dot:
-        if not 1 <= cfg.bm <= FMA_MAX_ROWS or cfg.nb < 1 or cfg.nb & (cfg.nb - 1) or cfg.bn & (cfg.bn - 1):
-            raise ValueError(f"decode launch {cfg}: bm must be 1..{FMA_MAX_ROWS}, nb and bn powers of two")
-        return cfg
-    step = cfg.step
-    if spec.super_block > 32:
-        step = min(step, spec.super_block)  # a K-quant tile stays inside one super-block
-    if step % spec.group or step < 32 or step & (step - 1):
-        raise ValueError(f"step {cfg.step} must be a power of two of at least 32 and a multiple of {spec.group}")
-    return replace(cfg, step=step)
+def _checked(spec: Spec, cfg: Config, K: int) -> None:
+    if K % spec.block_size:
+        raise ValueError(f"row length {K} is not a multiple of the block size {spec.block_size}")
+    if cfg.nb < 1 or cfg.nb & (cfg.nb - 1) or cfg.bn & (cfg.bn - 1) or cfg.bm & (cfg.bm - 1) and cfg.dot:
+        raise ValueError(f"launch {cfg}: nb, bn (and bm for tl.dot) must be powers of two")
+    if not cfg.dot and not 1 <= cfg.bm <= FMA_MAX_ROWS:
+        raise ValueError(f"decode launch {cfg}: bm must be 1..{FMA_MAX_ROWS}")
+    if cfg.dot and (cfg.bm < 16 or cfg.bn < 16):
+        raise ValueError(f"tl.dot launch {cfg}: bm and bn must be at least 16")
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -270,14 +280,20 @@ _NO_TF32X3: set[str] = set()  # non-empty once tf32x3 failed to compile here
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(ggml_type: int, cfg: Config, m_blocks: int, N: int, K: int, device: torch.device) -> tuple[Config, int, int]:
-    """The checked configuration, number of K splits and K chunk (values) of one launch (cached: decode calls
-    repeat)."""
+def _plan(ggml_type: int, cfg: Config, m_blocks: int, N: int, K: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, units per split)`` of one launch (cached: decode calls repeat)."""
     spec = SPECS[ggml_type]
-    cfg = _checked(spec, cfg, K)
-    per_step = cfg.step if cfg.dot else cfg.nb * (64 if spec.block_size == 256 else spec.block_size)
-    split, steps = _split(cfg.split, m_blocks * triton.cdiv(N, cfg.bn), triton.cdiv(K, per_step), device)
-    return cfg, split, steps * per_step
+    _checked(spec, cfg, K)
+    n_units = K // spec.unit(cfg.dot)
+    steps = triton.cdiv(n_units, cfg.nb)
+    split = cfg.split
+    if split <= 0:
+        programs = m_blocks * triton.cdiv(N, cfg.bn)
+        target = PROGRAMS_PER_SM * _multiprocessors(device)
+        split = 1 if programs >= target else min(triton.cdiv(target, programs), steps // MIN_STEPS_PER_SPLIT)
+    split = max(1, min(split, steps))
+    per_split = triton.cdiv(steps, split) * cfg.nb
+    return triton.cdiv(n_units, per_split), per_split
 
 
 def _launch(
@@ -285,7 +301,7 @@ def _launch(
     cfg: Config, m_blocks: int, out_rows: int, grouped: tuple[torch.Tensor, ...] | None = None, x_div: int = 1,
     expert_stride: int = 0, bias_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    cfg, split, k_chunk = _plan(ggml_type, cfg, m_blocks, N, K, x.device)
+    split, chunk_units = _plan(ggml_type, cfg, m_blocks, N, K, x.device)
     spec = SPECS[ggml_type]
     partial = split > 1
     if partial:
@@ -294,18 +310,16 @@ def _launch(
         out = torch.empty((out_rows, N), dtype=x.dtype, device=x.device)
     meta = grouped if grouped is not None else (x, x, x, x)  # unused pointers when not grouped
     grid = (m_blocks, triton.cdiv(N, cfg.bn), split)
-    common = (x, data, bias if bias is not None else x, out, *meta,
-              x.shape[0], N, K, x.stride(0), data.stride(0), expert_stride, out.stride(-2))
-    flags = dict(FMT=ggml_type, BM=cfg.bm, BN=cfg.bn, GROUPED=grouped is not None, X_DIV=x_div,
-                 HAS_BIAS=bias is not None, PARTIAL=partial, num_warps=cfg.warps, num_stages=cfg.stages)
+    args = (x, data, bias if bias is not None else x, out, *meta, x.shape[0], N, K, x.stride(0), data.stride(0),
+            expert_stride, out.stride(-2), chunk_units, out_rows * N, MAGIC_BITS)
+    flags = {"FMT": ggml_type, "QK": spec.block_size, "TYPE_SIZE": spec.type_size, "UNITS": spec.units(cfg.dot),
+             "BM": cfg.bm, "BN": cfg.bn, "NB": cfg.nb, "GROUPED": grouped is not None, "X_DIV": x_div,
+             "HAS_BIAS": bias is not None, "PARTIAL": partial, "num_warps": cfg.warps, "num_stages": cfg.stages}
     if not cfg.dot:
-        units = 4 if spec.block_size == 256 else 1
-        gemv_kernel[grid](*common, k_chunk * units // spec.block_size, out_rows * N, MAGIC_BITS,
-                          QK=spec.block_size, TYPE_SIZE=spec.type_size, UNITS=units, NB=cfg.nb, **flags)
+        gemv_kernel[grid](*args, **flags)
     else:
         def launch(precision: str) -> None:
-            qmm_kernel[grid](*common, k_chunk, out_rows * N, G=cfg.step // spec.group, L=spec.group,
-                             X_F32=x.dtype == torch.float32, PRECISION=precision, **flags)
+            qmm_kernel[grid](*args, X_F32=x.dtype == torch.float32, PRECISION=precision, **flags)
 
         precision = _dot_precision(x)
         if precision == "tf32x3":
