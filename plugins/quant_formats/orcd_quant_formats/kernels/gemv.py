@@ -1,10 +1,13 @@
 """The decode kernel: ``out = x @ W.T (+ bias)`` for a few rows of ``x`` (up to 4), bound by reading ``W`` once.
 
 A program owns ``BN`` weight rows and walks ``K`` ``NB`` units at a time: a unit is a block (32 values) of the legacy
-formats and MXFP4, a quarter of a super-block (64 values) of the K-quants. Each step is a ``(BN, NB)`` grid of
-(row, unit) pairs, and every quantity in it (the block's codes word by word, its scales, the
-running sums) has that same shape, so the compiler keeps one register layout throughout: no tile is moved through
-shared memory. The format's ``*_dot`` function returns, per pair, the block's dot product with one row of ``x``
+formats and MXFP4, a quarter of a super-block (64 values) of the K-quants. Each step is a grid of ``BN * NB``
+(row, unit) pairs held as one 1-D axis, pair ``p`` = row ``p // NB``, unit ``p % NB``, and every quantity in it (the
+block's codes word by word, its scales, the running sums, the x values of its unit) has that shape: a 1-D tensor has
+one register layout, so nothing is moved through shared memory (with a 2-D grid, Triton versions break the tie
+between two equally non-contiguous axes differently, and a wrong guess moves every decoded value through shared
+memory). Consecutive lanes take consecutive units of a row and a thread holds ``BN / warps`` (legacy; K-quants:
+half that) rows of its unit, whose x loads are the same addresses and are loaded once. The format's ``*_dot`` function returns, per pair, the block's dot product with one row of ``x``
 (fp32 throughout); the sums stay per pair until the end, when each row's are added. ``x`` values are shared by the
 rows of a pair grid's column, which a thread holds together.
 
@@ -36,8 +39,8 @@ _MXFP4 = tl.constexpr(int(T.MXFP4))
 
 @triton.jit
 def block_dot(FMT: tl.constexpr, base, u, xb, MAGIC):
-    """Per (row, unit) pair: the unit's ``sum w x`` (fp32 ``(BN, NB)``); ``base`` points at the blocks, ``u`` is the
-    unit in the block (K-quants: 0..3), ``xb`` points at x for the block's first value."""
+    """Per (row, unit) pair: the unit's ``sum w x`` (fp32); ``base`` points at the blocks, ``u`` is the unit in the
+    block (K-quants: 0..3), ``xb`` points at x for the block's first value."""
     if FMT == _Q4_0:
         r = q4_0_dot(base, u, xb, MAGIC)
     elif FMT == _Q4_1:
@@ -79,7 +82,7 @@ def _row(i: tl.constexpr, pid_m, M, sorted_ptr, p_lo, p_hi, BM: tl.constexpr, X_
 
 @triton.jit
 def _store_row(acc, o_row, ok, bias, out_ptr, offs_n, N, stride_om, pid_k, part_stride, PARTIAL: tl.constexpr):
-    y = tl.sum(acc, axis=1)
+    y = tl.sum(tl.reshape(acc, (offs_n.shape[0], acc.shape[0] // offs_n.shape[0])), axis=1)
     n_lim = tl.where(ok, N, 0)  # one comparison for the mask (the interpreter rejects scalar & tensor masks)
     if PARTIAL:
         tl.store(out_ptr + pid_k.to(tl.int64) * part_stride + o_row.to(tl.int64) * N + offs_n, y,
@@ -103,7 +106,8 @@ def gemv_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    row_off = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
+    pair = tl.arange(0, BN * NB)
+    row_off = tl.minimum(pid_n * BN + pair // NB, N - 1).to(tl.int64) * stride_wn
     b_start = pid_k * chunk_units
     b_end = tl.minimum(K // QK * UNITS, b_start + chunk_units)
     if GROUPED:
@@ -126,20 +130,20 @@ def gemv_kernel(
     x2 = x_ptr + xr2.to(tl.int64) * stride_xm
     x3 = x_ptr + xr3.to(tl.int64) * stride_xm
 
-    acc0 = tl.zeros((BN, NB), dtype=tl.float32)
-    acc1 = tl.zeros((BN, NB), dtype=tl.float32)
-    acc2 = tl.zeros((BN, NB), dtype=tl.float32)
-    acc3 = tl.zeros((BN, NB), dtype=tl.float32)
+    acc0 = tl.zeros((BN * NB,), dtype=tl.float32)
+    acc1 = tl.zeros((BN * NB,), dtype=tl.float32)
+    acc2 = tl.zeros((BN * NB,), dtype=tl.float32)
+    acc3 = tl.zeros((BN * NB,), dtype=tl.float32)
     for b0 in range(b_start, b_end, NB):
-        units = b0 + tl.arange(0, NB)
-        inside = (units < b_end)[None, :]
+        units = b0 + pair % NB
+        inside = units < b_end
         units = tl.minimum(units, b_end - 1)
         blocks = units // UNITS
-        u = (units % UNITS)[None, :]
-        base = w_base + row_off[:, None] + (blocks * TYPE_SIZE)[None, :]
-        xoff = (blocks * QK)[None, :]
+        u = units % UNITS
+        base = w_base + row_off + blocks * TYPE_SIZE
+        xoff = blocks * QK
         # MAGIC as a per-thread register: a uniform one cannot share a LOP3 with a field mask
-        magic = tl.where(units >= 0, MAGIC, 0)[None, :]
+        magic = tl.where(units >= 0, MAGIC, 0)
         acc0 += tl.where(inside, block_dot(FMT, base, u, x0 + xoff, magic), 0.0)
         if BM > 1:
             acc1 += tl.where(inside, block_dot(FMT, base, u, x1 + xoff, magic), 0.0)

@@ -1,8 +1,8 @@
 """Q4_K, Q5_K and Q6_K (layouts in ``..kquants``): decode dot products and tl.dot tiles.
 
 Rows are walked in units of 64 values, four per super-block, so that a step holds few enough values per thread to
-stay in registers. Both kinds of function work on a ``(BN, NB)`` grid of (weight row, unit) pairs: ``base`` points at
-each pair's super-block and ``u`` ``(1, NB)`` is the unit in it (0..3). Codes are read as uint16 words (every field
+stay in registers. Both kinds of function work on a grid of (weight row, unit) pairs (1-D for decode, ``(BN, NB)``
+for tl.dot): ``base`` points at each pair's super-block and ``u`` is the unit in it. Codes are read as uint16 words (every field
 sits at an even offset) and decoded with ``unmagic`` (see ``common``) at their bit positions.
 
 - ``*_dot`` (decode): the unit's ``sum w x`` for one row of x (``xb``: pointers to x at each super-block's first

@@ -111,7 +111,7 @@ def weight_tile(FMT: tl.constexpr, base, u, magic, DT: tl.constexpr):
 def _dot_step(acc, b0, u_end, w_base, row_off, x_row_ptr, MAGIC, FMT: tl.constexpr, QK: tl.constexpr,
               TYPE_SIZE: tl.constexpr, UNITS: tl.constexpr, NB: tl.constexpr, X_F32: tl.constexpr,
               PRECISION: tl.constexpr, TAIL: tl.constexpr):
-    """``acc += x_tile @ w_tile.T`` for units ``b0 .. b0 + NB``, whose values are K indices ``b0 * U ..
+    """``acc += w_tile @ x_tile.T`` for units ``b0 .. b0 + NB``, whose values are K indices ``b0 * U ..
     (b0 + NB) * U`` (``U = QK // UNITS``). The tail step (``TAIL``) clamps units past ``u_end`` to the last one and
     reads no x for them; full steps read x unmasked."""
     U: tl.constexpr = QK // UNITS
@@ -125,10 +125,11 @@ def _dot_step(acc, b0, u_end, w_base, row_off, x_row_ptr, MAGIC, FMT: tl.constex
         xt = tl.load(x_row_ptr + kk[None, :], mask=(kk < u_end * U)[None, :], other=0.0)
     else:
         xt = tl.load(x_row_ptr + kk[None, :])
+    # acc is (BN, BM): the weight tile, made in registers, is the left operand as it stands
     if X_F32:
-        acc = tl.dot(xt, tl.trans(w), acc, input_precision=PRECISION)
+        acc = tl.dot(w, tl.trans(xt), acc, input_precision=PRECISION)
     else:
-        acc = tl.dot(xt, tl.trans(w), acc)
+        acc = tl.dot(w, tl.trans(xt), acc)
     return acc
 
 
@@ -168,7 +169,7 @@ def qmm_kernel(
         w_base = w_ptr
     x_row_ptr = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm
 
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
     full_end = u_start + (u_end - u_start) // NB * NB
     for b0 in range(u_start, full_end, NB):
         acc = _dot_step(acc, b0, u_end, w_base, row_off, x_row_ptr, MAGIC, FMT, QK, TYPE_SIZE, UNITS, NB, X_F32,
@@ -177,9 +178,9 @@ def qmm_kernel(
         acc = _dot_step(acc, full_end, u_end, w_base, row_off, x_row_ptr, MAGIC, FMT, QK, TYPE_SIZE, UNITS, NB,
                         X_F32, PRECISION, True)
 
-    mask = m_ok[:, None] & n_ok[None, :]
+    mask = n_ok[:, None] & m_ok[None, :]
     if PARTIAL:
-        ptrs = out_ptr + pid_k.to(tl.int64) * part_stride + o_rows[:, None].to(tl.int64) * N + offs_n[None, :]
+        ptrs = out_ptr + pid_k.to(tl.int64) * part_stride + o_rows[None, :].to(tl.int64) * N + offs_n[:, None]
         tl.store(ptrs, acc, mask=mask)
     else:
         if HAS_BIAS:
@@ -187,8 +188,8 @@ def qmm_kernel(
                 bias = tl.load(bias_ptr + expert.to(tl.int64) * N + offs_n, mask=n_ok, other=0.0)
             else:
                 bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-        ptrs = out_ptr + o_rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+            acc += bias.to(tl.float32)[:, None]
+        ptrs = out_ptr + o_rows[None, :].to(tl.int64) * stride_om + offs_n[:, None]
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -1,5 +1,5 @@
-"""MXFP4 (layout in ``..mxfp4``): decode dot products and tl.dot tiles over a ``(BN, NB)`` grid of (weight row,
-block) pairs, as in ``legacy``.
+"""MXFP4 (layout in ``..mxfp4``): decode dot products and tl.dot tiles over a grid of (weight row, block) pairs, as in
+``legacy``.
 
 The 16 code bytes sit at odd offsets (17-byte blocks), so they are read one by one. Both codes of a byte are turned
 into fp16 bit patterns at once (magnitude bits to 9-11, sign to 15): that fp16 is the E2M1 value times 2**-14 for
