@@ -40,10 +40,10 @@ def _usable(x: torch.Tensor, weight: QuantizedTensor) -> ModuleType | None:
     mod = _matmul()
     if mod is None or int(weight.fmt.ggml_type) not in mod.SPECS:
         return None
-    data = weight.data
-    if weight.shape[-1] % mod.SPECS[int(weight.fmt.ggml_type)].super_block or data.stride(-1) != 1:
+    data, spec = weight.data, mod.SPECS[int(weight.fmt.ggml_type)]
+    if weight.shape[-1] % spec.block_size or data.stride(-1) != 1:
         return None
-    if data.data_ptr() % 2 or data.stride(0) % 2:  # the decode kernel reads block fields as uint16
+    if spec.type_size % 2 == 0 and data.data_ptr() % 2:  # fields are read as uint16 (blocks of even size)
         return None
     return mod
 
