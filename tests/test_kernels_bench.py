@@ -17,8 +17,10 @@ def test_table_arithmetic() -> None:
         kernels.Row("linear", "Q8_0", 896, 896, 512, 1_000_000, 1e-4, None, "graph", 64),
         kernels.Row("moe", "MXFP4", 2880, 2880, 1, 4_000_000, 4e-6, None, "graph", 16, "4.0 experts/call"),
     ]
+    sweep = [{"config": {"bn": 4}, "seconds": 3e-6, "default": True}, {"config": {"bn": 8}, "seconds": 2e-6},
+             {"config": {"bn": 64}, "seconds": None, "error": "out of resources"}]
     report = {"device_name": "test", "dtype": "float16", "copy_gbps": 2000.0, "rows": [asdict(r) for r in rows],
-              "sweeps": []}
+              "sweeps": [{"type": "Q4_K", "n": 896, "k": 4864, "m": 1, "results": sweep}]}
     lines = kernels.format_table(report).splitlines()
     gemv, gemm, moe = lines[3].split(), lines[4].split(), lines[5].split()
     # fused us, GB/s (2 MB / 2 us), % of copy bandwidth, TFLOP/s (2 M N K / time)
@@ -26,6 +28,8 @@ def test_table_arithmetic() -> None:
     assert gemv[-1] == "20.0"  # x ref: 40 us / 2 us
     assert gemm[8] == f"{2 * 512 * 896 * 896 / 1e-4 / 1e12:.1f}" and gemm[9:13] == ["-", "-", "-", "-"]
     assert moe[8] == f"{2 * 4 * 2880 * 2880 / 4e-6 / 1e12:.1f}"  # one token through top-4 experts
+    assert lines[6] == "sweep Q4_K 896x4864 M=1: default 3.0 us (rank 2 of 2); best:"
+    assert lines[7].split()[0] == "2.0" and "failed {'bn': 64}: out of resources" in lines[9]
 
 
 @pytest.mark.gpu

@@ -192,13 +192,15 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
     default = matmul.pick_config(spec, m, n, k, matmul._multiprocessors(device))
     grid = []
     if m <= matmul.FMA_MAX_ROWS:
-        grid += [matmul.Config(bm=m, bn=bn, dot=False, nb=nb, split=split, warps=warps)
-                 for bn in (8, 16, 32, 64) for nb in (8, 16, 32) for warps in (2, 4, 8) for split in (0, 1)]
+        per_warp, nb = (2, 16) if spec.block_size > 32 else (1, 32)  # rows a warp's lanes cover, units per row
+        grid += [matmul.Config(bm=m, bn=per_warp * rows * warps, dot=False, nb=nb, split=split, warps=warps)
+                 for warps in (1, 2, 4) for rows in (2, 4, 8) for split in (0, 1)]
+        grid += [matmul.Config(bm=m, bn=per_warp * 4 * warps, dot=False, nb=2 * nb, warps=warps) for warps in (1, 2, 4)]
     if m > 1:
-        grid += [matmul.Config(bm=bm, bn=bn, dot=True, nb=nb, split=0, warps=warps, stages=stages)
-                 for bm, bn in ((16, 64), (32, 64), (64, 64), (128, 64), (64, 128), (128, 128), (128, 256))
-                 if bm <= max(16, 2 * m) for nb in (2, 4)
-                 for warps in (4, 8) for stages in (2, 3)]
+        grid += [matmul.Config(bm=bm, bn=bn, dot=True, nb=nb, warps=warps)
+                 for bm, bn in ((16, 64), (32, 64), (64, 64), (64, 128), (128, 128), (128, 256))
+                 if bm <= max(16, 2 * m) for nb in (2, 4) for warps in (4, 8)]
+        grid.append(matmul.Config(bm=128, bn=128, dot=True, nb=2, warps=8, stages=3))
     results = []
     for cfg in [default, *grid]:
         fns = [lambda w=w, cfg=cfg: matmul.linear(x, w.data, int(fmt.ggml_type), n, k, None, config=cfg)
