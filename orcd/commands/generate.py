@@ -15,6 +15,8 @@ import uuid
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt")
     p.add_argument("--model", required=True, metavar="FILE", help="path to a .gguf model")
+    p.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="a Hugging Face tokenizer.json (or its directory) to use instead of the GGUF's vocabulary")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--max-tokens", type=int, default=128, metavar="N", help="tokens to generate at most (128)")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy (default 0.8)")
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise InvalidRequest(f"invalid sampling option: {e}") from None
     plugins = get_plugin_manager()
-    loaded = load_model(args.model, device=args.device, plugins=plugins,
+    loaded = load_model(args.model, device=args.device, plugins=plugins, tokenizer_path=args.tokenizer,
                         progress=lambda pct, msg: print(f"[{pct:3d}%] {msg}", file=sys.stderr))
     ids = prompt_ids(loaded, args.prompt, args.chat)
     n_ctx = args.n_ctx or min(loaded.config.context_length, len(ids) + args.max_tokens)

@@ -38,6 +38,8 @@ DEFAULT_MODEL_NAME = "default-qwen2-tiny-Q8_0.gguf"
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve one model over HTTP (worker API, OpenAI API, /metrics)")
     p.add_argument("--model", help="GGUF file to serve (default: the default model; see ORCD_DEFAULT_MODEL)")
+    p.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="a Hugging Face tokenizer.json (or its directory) to use instead of the GGUF's vocabulary")
     p.add_argument("--worker-id", help="this worker's UUID, reported to the callback (default: a new one)")
     dev = p.add_mutually_exclusive_group()
     dev.add_argument("--gpu-device", type=int, metavar="N", help="CUDA device index")
@@ -117,6 +119,8 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
             raise ArgumentProblem(f"--model {args.model}: no such file")
         if not os.access(path, os.R_OK):
             raise ArgumentProblem(f"--model {args.model}: not readable by this user")
+    if args.tokenizer is not None and not Path(args.tokenizer).exists():
+        raise ArgumentProblem(f"--tokenizer {args.tokenizer}: no such file or directory")
     try:
         out["device"] = parse_device(args.gpu_device if args.gpu_device is not None else args.device)
     except InvalidRequest as e:
@@ -282,7 +286,8 @@ def load_worker(args: argparse.Namespace, settings: dict[str, Any], plugins: Any
     device = settings["device"]
     progress = LoadProgress(bar=sys.stderr.isatty() and args.log_format == "text")
     try:
-        loaded = devmem.guarded(lambda: load_model(path, device=device, plugins=plugins, progress=progress), device,
+        loaded = devmem.guarded(lambda: load_model(path, device=device, plugins=plugins, progress=progress,
+                                                   tokenizer_path=args.tokenizer), device,
                                 f"loading {path}")
     except OrcdError as e:
         if e.code == "VRAM_OOM":  # the estimate was short: same answer as the check before loading

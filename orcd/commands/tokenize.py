@@ -11,6 +11,8 @@ import json
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenize", help="print the token ids of a text as a JSON list")
     p.add_argument("--model", required=True, metavar="FILE", help="path to a .gguf model")
+    p.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="a Hugging Face tokenizer.json (or its directory) to use instead of the GGUF's vocabulary")
     p.add_argument("--no-special", action="store_true", help="treat special-token text as plain text")
     p.add_argument("--add-bos", action="store_true", help="start with the BOS token")
     p.add_argument("text", metavar="TEXT")
@@ -19,10 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from orcd.errors import InvalidRequest
+    from orcd.loader import load_tokenizer
     from orcd.modelfile import ModelFile
-    from orcd.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_gguf(ModelFile.open(args.model))
+    tok = load_tokenizer(ModelFile.open(args.model), args.tokenizer)
     ids = tok.encode(args.text, add_special=False, parse_special=not args.no_special)
     if args.add_bos:
         if tok.bos_id is None:
