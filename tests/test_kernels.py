@@ -113,7 +113,8 @@ def test_interpreted_tiles_bit_exact(formats: dict[str, QuantFormat], name: str)
     K, N = tiny_k(fmt), 19
     raw, w = random_weight(fmt, (N, K), np.random.default_rng(1))
     eye = torch.eye(K, dtype=torch.float32)
-    got = matmul.linear(eye, torch.from_numpy(raw), int(fmt.ggml_type), N, K, config=interpreter_configs()["dot"])
+    one_block = matmul.Config(bm=1 << (K - 1).bit_length(), bn=16, dot=True, nb=2)  # all of x in one block of rows
+    got = matmul.linear(eye, torch.from_numpy(raw), int(fmt.ggml_type), N, K, config=one_block)
     assert np.array_equal(got.T.numpy(), w.astype(np.float32))
 
 

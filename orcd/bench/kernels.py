@@ -145,12 +145,12 @@ def bench_moe(fmt: QuantFormat, tokens: int, dtype: torch.dtype, device: torch.d
     else:
         fused_s, mode = time_calls([lambda i=i: expert_linear(x, weight, i) for i in ids], repeat)
     if tokens * MOE_TOP_K <= n_expert:
-        reference_s, _ = time_calls([lambda i=i: _moe_gathered(x, weight, i) for i in ids], repeat)
+        reference_s, ref_mode = time_calls([lambda i=i: _moe_gathered(x, weight, i) for i in ids], repeat)
     else:
-        reference_s, _ = time_calls([lambda i=i: _moe_grouped(x, weight, i) for i in ids[:2]], max(3, repeat // 4),
-                                    graph=False)
+        reference_s, ref_mode = time_calls([lambda i=i: _moe_grouped(x, weight, i) for i in ids[:2]],
+                                           max(3, repeat // 4), graph=False)
     return Row("moe", fmt.name, n, k, tokens, int(distinct * expert_bytes), fused_s, reference_s, mode, calls,
-               f"{distinct:.1f} experts/call")
+               f"{distinct:.1f} experts/call, ref {ref_mode}")
 
 
 def _moe_gathered(x: torch.Tensor, weight: QuantizedTensor, ids: torch.Tensor) -> torch.Tensor:
