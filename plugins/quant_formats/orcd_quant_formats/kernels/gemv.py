@@ -3,16 +3,15 @@
 A program owns ``BN`` weight rows and walks ``K`` ``NB`` units at a time: a unit is a block (32 values) of the legacy
 formats and MXFP4, a quarter of a super-block (64 values) of the K-quants. Each step is a grid of ``BN * NB``
 (row, unit) pairs held as one 1-D axis, pair ``p`` = row ``p // NB``, unit ``p % NB``, and every quantity in it (the
-block's codes word by word, its scales, the running sums, the x values of its unit) has that shape: a 1-D tensor has
+block's codes word by word, its scales, the running sums, the x values of its unit) has that shape. A 1-D tensor has
 one register layout, so nothing is moved through shared memory (with a 2-D grid, Triton versions break the tie
-between two equally non-contiguous axes differently, and a wrong guess moves every decoded value through shared
-memory). Consecutive lanes take consecutive units of a row and a thread holds ``BN / warps`` (legacy; K-quants:
-half that) rows of its unit, whose x loads are the same addresses and are loaded once. The format's ``*_dot`` function returns, per pair, the block's dot product with one row of ``x``
-(fp32 throughout); the sums stay per pair until the end, when each row's are added. ``x`` values are shared by the
-rows of a pair grid's column, which a thread holds together.
+between two equally non-contiguous axes differently, and the wrong guess moves every decoded value through shared
+memory). Consecutive lanes take consecutive units of a row, and a thread holds several rows of its unit: their x
+loads are the same addresses, loaded once. The format's ``*_dot`` function returns each pair's dot product with one
+row of ``x`` (fp32 throughout); the sums stay per pair until the end, when each row's are added.
 
-Blocks past the end of a program's range are clamped to the last valid block (no masked loads in the loop) and
-their products discarded. The same grouping of (token, expert) pairs as ``matmul`` serves mixture-of-experts.
+Units past the end of a program's range are clamped to the last valid one (no masked loads in the loop) and their
+products discarded. The same grouping of (token, expert) pairs as ``matmul`` serves mixture-of-experts.
 """
 
 from __future__ import annotations
@@ -99,7 +98,8 @@ def gemv_kernel(
     block_expert_ptr, block_start_ptr, block_end_ptr, sorted_ptr,
     M, N, K, stride_xm, stride_wn, stride_we, stride_om, chunk_units, part_stride, MAGIC,
     FMT: tl.constexpr, QK: tl.constexpr, TYPE_SIZE: tl.constexpr, UNITS: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, NB: tl.constexpr, GROUPED: tl.constexpr, X_DIV: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    BN: tl.constexpr, NB: tl.constexpr, GROUPED: tl.constexpr, X_DIV: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr,
 ):
     tl.static_assert(BM <= 4, "the decode kernel takes at most 4 rows of x per program")
     pid_m = tl.program_id(0)

@@ -2,8 +2,8 @@
 
 Rows are walked in units of 64 values, four per super-block, so that a step holds few enough values per thread to
 stay in registers. Both kinds of function work on a grid of (weight row, unit) pairs (1-D for decode, ``(BN, NB)``
-for tl.dot): ``base`` points at each pair's super-block and ``u`` is the unit in it. Codes are read as uint16 words (every field
-sits at an even offset) and decoded with ``unmagic`` (see ``common``) at their bit positions.
+for tl.dot): ``base`` points at each pair's super-block and ``u`` is the unit in it. Codes are read as uint16 words
+(every field sits at an even offset) and decoded with ``unmagic`` (see ``common``) at their bit positions.
 
 - ``*_dot`` (decode): the unit's ``sum w x`` for one row of x (``xb``: pointers to x at each super-block's first
   value). Sub-block scales and mins are applied once per sub-block:

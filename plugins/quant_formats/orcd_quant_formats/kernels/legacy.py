@@ -1,9 +1,9 @@
 """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (layouts in ``..legacy``): decode dot products and tl.dot tiles.
 
 Both work on a grid of (weight row, block) pairs (``base``: pointers to the blocks; 1-D for decode, ``(BN, NB)`` for
-tl.dot), read the block's fields as uint16 words and decode codes with ``unmagic`` (see ``common``). A word of 4-bit codes holds values
-``2j`` (bits 0-3), ``16 + 2j`` (4-7), ``2j + 1`` (8-11) and ``17 + 2j`` (12-15) of its block; each is kept at its
-bit position, as ``q << 4k``, and ``2**-4k`` goes into the scale.
+tl.dot), read the block's fields as uint16 words and decode codes with ``unmagic`` (see ``common``). A word of
+4-bit codes holds values ``2j`` (bits 0-3), ``16 + 2j`` (4-7), ``2j + 1`` (8-11) and ``17 + 2j`` (12-15) of its
+block; each is kept at its bit position, as ``q << 4k``, and ``2**-4k`` goes into the scale.
 
 - ``*_dot`` (decode): the block's ``sum w x`` for one row of x (``xb``: pointers to x at each block's first
   value), summed per bit position, the block scale applied once.

@@ -5,10 +5,10 @@ launcher that picks between the two kernels.
   weights read once, bound by memory bandwidth;
 - *prefill/batches* (``qmm_kernel`` here): each program owns ``BM`` rows of ``x`` and ``BN`` weight rows and walks
   ``K`` ``NB`` units at a time; per step the format's tile function decodes the weights in registers (bit-exact
-  with the reference dequantizer, then cast to ``x``'s dtype as the reference path casts its weights) in the order
-  its words hold them, with the x index of each, and the gathered x tile and the weight tile go to ``tl.dot``
-  with fp32 accumulation (K's order does not matter to a dot product). fp32 ``x`` uses TF32 products where torch
-  allows TF32 for its own matmuls and three TF32 products per term (``tf32x3``, about fp32 accuracy) otherwise;
+  with the reference dequantizer, then cast to ``x``'s dtype as the reference path casts its weights) in K's
+  order, and ``tl.dot`` multiplies that tile (its left operand, straight from registers) by the x tile, with fp32
+  accumulation. fp32 ``x`` uses TF32 products where torch allows TF32 for its own matmuls and three TF32 products
+  per term (``tf32x3``, about fp32 accuracy) otherwise;
 - split-K: when the output alone gives too few programs to fill the device, ``K`` is cut into chunks whose fp32
   partial sums torch adds afterwards (deterministic, no atomics);
 - experts (``GROUPED``): ``x`` rows are (token, expert) pairs sorted by expert and cut into blocks of ``BM`` pairs of
