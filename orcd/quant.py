@@ -67,6 +67,13 @@ class QuantFormat(ABC):
         """A fused dequantize-matmul ``x @ W.T + bias`` for this format, or ``None`` to use the reference path."""
         return None
 
+    def expert_linear(
+        self, x: torch.Tensor, weight: "QuantizedTensor", ids: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Mixture-of-experts seam: ``weight`` is 3-D ``(n_expert, rows, cols)``; row ``p`` of ``x (P, cols)`` goes
+        through expert ``ids[p]`` (``ids (P,)``), giving ``(P, rows)``. ``None`` means: use the reference path."""
+        return None
+
     def row_bytes(self, row_length: int, tensor_name: str = "?") -> int:
         if row_length % self.block_size:
             raise QuantError(

@@ -305,8 +305,7 @@ def _shape(text: str) -> tuple[int, int]:
     return int(n), int(k)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orcd.bench.kernels", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--types", default=",".join(DEFAULT_TYPES), help="comma-separated ggml type names")
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in DEFAULT_SHAPES),
                         help="weight shapes NxK (output rows x row length), comma-separated")
@@ -316,7 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-moe", action="store_true", help="skip the GPT-OSS mixture-of-experts rows")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of launch configurations")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orcd.bench.kernels", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run_args(parser.parse_args(argv))
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """Run from parsed arguments (``main`` and ``orcd bench kernels``)."""
     report = run(
         types=[t.strip().upper() for t in args.types.split(",") if t.strip()],
         shapes=[_shape(s) for s in args.shapes.split(",") if s.strip()],

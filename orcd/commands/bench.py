@@ -19,3 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m = kinds.add_parser("model", help="prompt and decode throughput of a model file, beside llama.cpp")
     model.add_arguments(m)
     m.set_defaults(run=model.run_args)
+
+    from orcd.bench import kernels
+
+    k = kinds.add_parser("kernels", help="fused dequantize-matmul kernels vs the reference path (CUDA)")
+    kernels.add_arguments(k)
+    k.set_defaults(run=kernels.run_args)

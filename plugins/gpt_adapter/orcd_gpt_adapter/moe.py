@@ -63,6 +63,9 @@ class ExpertProjection(torch.nn.Module):
     def gathered(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Row ``p`` of ``x (P, cols)`` through expert ``ids[p]``: ``(P, rows)``, decoding only those experts."""
         fmt = self.weight.fmt
+        fused = fmt.expert_linear(x, self.weight, ids, self.bias)  # a format's kernel (CUDA), if it has one
+        if fused is not None:
+            return fused
         blocks = self.weight.data.view(self.n_expert, self.rows, -1).index_select(0, ids)
         w = fmt.dequantize(blocks.reshape(-1, fmt.type_size)).view(ids.numel(), self.rows, self.cols).to(x.dtype)
         y = torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)
