@@ -16,6 +16,7 @@ import httpx
 import pytest
 import torch
 from conftest import make_plugin_manager
+from logit_recorder import RecordPlugin
 from server_harness import (
     LiveServer,
     NoEndOfGenerationPlugin,
@@ -24,40 +25,9 @@ from server_harness import (
     wait_until,
 )
 
-import orcd
 from orcd.engine import Engine, FinishEvent, GenerationRequest, TokenEvent
 from orcd.loader import load_model
-from orcd.sampling import SamplerFactory, SamplingParams
-
-
-class RecordLogits(SamplerFactory):
-    """Keeps the logits every step of a request saw (``extra["record"]`` names the list); changes nothing."""
-
-    name, order = "test_batching_record", 1
-
-    def __init__(self) -> None:
-        self.seen: dict[str, list[torch.Tensor]] = {}
-
-    def create(self, params: SamplingParams):
-        key = params.extra.get("record")
-        if key is None:
-            return None
-        rows = self.seen.setdefault(key, [])
-
-        def apply(logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-            rows.append(logits.clone())
-            return logits
-
-        return apply
-
-
-class RecordPlugin:
-    def __init__(self) -> None:
-        self.factory = RecordLogits()
-
-    @orcd.hookimpl
-    def register_samplers(self, register: Callable) -> None:
-        register(self.factory)
+from orcd.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -14,50 +14,19 @@ flat across replays, the fused FP16 attention against float32, and a worker serv
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from conftest import make_plugin_manager
+from logit_recorder import RecordPlugin
 
-import orcd
 from orcd.engine import Engine, GenerationRequest, TokenEvent
 from orcd.engine.graphs import StaticDecode, batch_buckets, next_power_of_two
 from orcd.loader import load_model
 from orcd.nn.attention import _fused_half, attention
 from orcd.nn.batch import attention_mask
-from orcd.sampling import SamplerFactory, SamplingParams
-
-
-class RecordLogits(SamplerFactory):
-    """Keeps the logits every step of a request saw (``extra["record"]`` names the list); changes nothing."""
-
-    name, order = "test_graphs_record", 1
-
-    def __init__(self) -> None:
-        self.seen: dict[str, list[torch.Tensor]] = {}
-
-    def create(self, params: SamplingParams):
-        key = params.extra.get("record")
-        if key is None:
-            return None
-        rows = self.seen.setdefault(key, [])
-
-        def apply(logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-            rows.append(logits.detach().float().cpu().clone())
-            return logits
-
-        return apply
-
-
-class RecordPlugin:
-    def __init__(self) -> None:
-        self.factory = RecordLogits()
-
-    @orcd.hookimpl
-    def register_samplers(self, register: Callable) -> None:
-        register(self.factory)
+from orcd.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -5,49 +5,17 @@ pool; the hit rate in the worker's /metrics."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import httpx
 import pytest
 import torch
 from conftest import make_plugin_manager
+from logit_recorder import RecordPlugin
 from prometheus_client.parser import text_string_to_metric_families
 from server_harness import LiveServer
 
-import orcd
 from orcd.engine import Engine, GenerationRequest, TokenEvent
 from orcd.loader import load_model
-from orcd.sampling import SamplerFactory, SamplingParams
-
-
-class RecordLogits(SamplerFactory):
-    """A sampler that changes nothing and keeps the logits each request's steps saw (``extra["record"]``)."""
-
-    name, order = "test_record_logits", 1
-
-    def __init__(self) -> None:
-        self.seen: dict[str, list[torch.Tensor]] = {}
-
-    def create(self, params: SamplingParams):
-        key = params.extra.get("record")
-        if key is None:
-            return None
-        rows = self.seen.setdefault(key, [])
-
-        def apply(logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-            rows.append(logits.clone())
-            return logits
-
-        return apply
-
-
-class RecordPlugin:
-    def __init__(self) -> None:
-        self.factory = RecordLogits()
-
-    @orcd.hookimpl
-    def register_samplers(self, register: Callable) -> None:
-        register(self.factory)
+from orcd.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
