@@ -552,6 +552,12 @@ class Tokenizer:
         return self.hf.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     # --- encode / decode -------------------------------------------------------------------------------------------
+    def encode_chat(self, rendered: str) -> list[int]:
+        """Token ids of a chat-template rendering: control-token text parsed, BOS added as the vocabulary asks
+        unless the template already wrote it (a double BOS would change what the model sees)."""
+        wrote_bos = self.bos_id is not None and rendered.startswith(self.token_text(self.bos_id))
+        return self.encode(rendered, add_special=not wrote_bos, parse_special=True)
+
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of ``text``. ``add_special``: BOS/EOS as the vocabulary asks; ``parse_special``: control-token
         text in ``text`` becomes those tokens (off for untrusted user text)."""

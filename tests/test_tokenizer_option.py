@@ -44,3 +44,15 @@ def test_a_tokenizer_of_another_model_is_refused(synth_model, tmp_path: Path) ->
     big.save(tmp_path)
     with pytest.raises(ModelFileError, match="belongs to another model"):
         load_tokenizer(small, tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+def test_chat_rendering_gets_exactly_one_bos(synth_model, arch: str) -> None:
+    """A template that writes BOS itself and a vocabulary that adds one must not give the model two."""
+    tok = Tokenizer.from_gguf(ModelFile.open(synth_model(arch, "Q8_0")))
+    body = "<|user|>\nhi<|end|>\n"
+    bos_text = tok.token_text(tok.bos_id)
+    with_bos = tok.encode_chat(bos_text + body)
+    without = tok.encode_chat(body)
+    assert with_bos.count(tok.bos_id) == 1
+    assert without.count(tok.bos_id) == (1 if tok.add_bos else 0)

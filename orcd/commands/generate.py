@@ -39,11 +39,7 @@ def prompt_ids(loaded, text: str, chat: bool) -> list[int]:
     if chat:
         if loaded.chat_template is None:
             raise InvalidRequest("this model file has no chat template; run without --chat", field="chat")
-        text = loaded.chat_template.render([{"role": "user", "content": text}], True)
-        bos = tok.bos_id
-        if bos is not None and tok.add_bos and text.startswith(tok.token_text(bos)):
-            # The template wrote BOS itself: adding another would give the model a double BOS.
-            return tok.encode(text, add_special=False, parse_special=True)
+        return tok.encode_chat(loaded.chat_template.render([{"role": "user", "content": text}], True))
     return tok.encode(text, add_special=True, parse_special=True)
 
 

@@ -71,7 +71,8 @@ def add_openai_routes(app: FastAPI) -> None:
         except InvalidRequest as e:  # the template rejects the conversation (raise_exception)
             raise InvalidRequest(e.message, field=e.field or "messages") from None
         limit = body.token_limit() or min(DEFAULT_CHAT_MAX_TOKENS, worker.config.max_tokens_out)
-        job = await _submit(worker, body, prompt, limit, "openai.chat")
+        prompt_ids = await run_in_threadpool(worker.tokenizer.encode_chat, prompt)
+        job = await _submit(worker, body, prompt_ids, limit, "openai.chat")
         ids = _Ids("chatcmpl", worker, body)
         channels = HarmonyChannels() if speaks_harmony(worker) else None
         if body.stream:
@@ -120,7 +121,7 @@ class _Ids:
         self.fingerprint = f"orcd-{worker.quant_kind}"
 
 
-async def _submit(worker: Worker, body: _OpenAIBase, prompt: str, max_tokens: int, api: str) -> Job:
+async def _submit(worker: Worker, body: _OpenAIBase, prompt: str | list[int], max_tokens: int, api: str) -> Job:
     sampling: dict[str, Any] = {
         "temperature": body.temperature,
         "top_p": body.top_p,
