@@ -191,8 +191,8 @@ def test_graph_replay_equals_eager(synth_model, pm, recorder, arch, file_type):
 
 @pytest.mark.gpu
 def test_graphs_with_gpt_oss(synth_model, pm, recorder):
-    """GPT-OSS: sinks and sliding windows inside the graph; a MoE path that syncs with the host cannot be
-    captured and runs eagerly (with a warning), the results stay those of the eager step."""
+    """GPT-OSS: sinks, sliding windows and the mixture of experts (the fused expert kernels group pairs by expert
+    on the device, no host sync) inside the graph at every batch size; the results stay those of the eager step."""
     loaded = load_model(synth_model("gpt-oss", "MXFP4"), "cuda", pm)
     eager = Engine(loaded, pm, max_batch=8, n_ctx=192)
     graphs = Engine(loaded, pm, max_batch=8, n_ctx=192, cuda_graphs=True)
@@ -200,6 +200,7 @@ def test_graphs_with_gpt_oss(synth_model, pm, recorder):
     got, _ = run_schedule(graphs, loaded, "cuda-oss-graphs")
     print(f"\ngpt-oss: captured {graphs.static.graphs}, eager from batch {graphs.static._eager_from}")
     assert (1, 8) in graphs.static.graphs
+    assert graphs.static._eager_from is None  # every batch bucket, 8 sequences (32 expert pairs) included
     compare_runs(recorder.factory.seen, "cuda-oss-graphs", "cuda-oss-eager", got, want, 1e-3)
 
 

@@ -64,3 +64,24 @@ def test_greedy_on_cuda_equals_llama_cpp(synth_model, plugins) -> None:
     events = list(engine.generate(request))
     assert isinstance(events[-1], FinishEvent) and events[-1].reason == "max_tokens"
     assert [e.token_id for e in events if isinstance(e, TokenEvent)] == expected
+
+
+@pytest.mark.parametrize("file_type", ["MXFP4", "Q4_K_M"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 2, 40])
+def test_fused_experts_equal_the_reference_path(synth_model, plugins, monkeypatch, file_type, dtype, tokens) -> None:
+    """The mixture of experts through the formats' fused expert kernels (decode-sized and prefill-sized batches)
+    against the same layer with the kernels off (dequantize the chosen experts, then matmul)."""
+    mf, config = open_checked(synth_model("gpt-oss", file_type), plugins)
+    module = plugins.architecture("gpt-oss").build(mf, config, DEV, plugins)
+    moe = module.blocks[1].mlp
+    x = torch.randn(tokens, config.embedding_length, device=DEV, generator=torch.Generator(DEV).manual_seed(tokens))
+    x = x.to(dtype)
+    got = moe(x)
+    monkeypatch.setenv("ORCD_KERNELS", "0")
+    want = moe(x)
+    # fp32: both sides accumulate in fp32 in different orders; fp16: the reference rounds the decoded weights to
+    # fp16 before its matmul, the kernels keep them in fp32 (decode) and both round each projection's output.
+    tol = 1e-4 if dtype == torch.float32 else 4e-3
+    assert got.dtype == want.dtype == dtype
+    assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max(), file_type

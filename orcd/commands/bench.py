@@ -25,3 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k = kinds.add_parser("kernels", help="fused dequantize-matmul kernels vs the reference path (CUDA)")
     kernels.add_arguments(k)
     k.set_defaults(run=kernels.run_args)
+
+    from orcd.bench import profile
+
+    f = kinds.add_parser("profile", help="where a decode step's time goes: device kernels vs host, per step")
+    profile.add_arguments(f)
+    f.set_defaults(run=profile.run_args)

@@ -7,6 +7,11 @@ Expert weights stay in their ggml encoding (MXFP4 in real files) as one 3-D ``Qu
 of the expert's rows (so a format's fused kernel, ``QuantFormat.linear``, serves experts too). A decode step has
 fewer pairs than experts: it gathers the chosen experts' blocks, decodes them in one call and multiplies in one
 batched matmul, with no per-expert Python loop and no host sync.
+
+Where the weights' format has a fused expert kernel (``QuantFormat.expert_linear``: on CUDA, the Triton kernels of
+``orcd_quant_formats``), every batch size goes through it instead: pairs are grouped by expert on the device, each
+chosen expert's blocks are read once per group and decoded in registers, and there is no host sync, so decode steps
+of any batch size can be captured in a CUDA graph. The two paths above stay as the fallback and the oracle.
 """
 
 from __future__ import annotations
@@ -60,11 +65,15 @@ class ExpertProjection(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"{self.n_expert} x ({self.cols} -> {self.rows}), {self.weight.fmt.name}, bias={self.bias is not None}"
 
+    def fused(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """The format's fused expert kernel: ``ids (T, k)`` sends token ``t`` of ``x (T, cols)`` through its ``k``
+        experts, ``ids (P,)`` row ``p`` through ``ids[p]``; ``(P, rows)`` in pair order, or ``None`` where the format
+        has no kernel for this input (then use ``gathered`` or the experts' own linears)."""
+        return self.weight.fmt.expert_linear(x, self.weight, ids, self.bias)
+
     def gathered(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Row ``p`` of ``x (P, cols)`` through expert ``ids[p]``: ``(P, rows)``, decoding only those experts."""
         fmt = self.weight.fmt
-        # The formats' fused expert kernels (QuantFormat.expert_linear) join here once they have run on a GPU;
-        # so far they are checked only in Triton's CPU interpreter.
         blocks = self.weight.data.view(self.n_expert, self.rows, -1).index_select(0, ids)
         w = fmt.dequantize(blocks.reshape(-1, fmt.type_size)).view(ids.numel(), self.rows, self.cols).to(x.dtype)
         y = torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)
@@ -111,9 +120,10 @@ class MixtureOfExperts(torch.nn.Module):
         x = x.reshape(-1, shape[-1])
         chosen, weights = self.route(x)
         flat = chosen.reshape(-1)  # pair p is token p // top_k through expert flat[p]
-        if flat.numel() <= min(self.n_expert, self.gather_max_pairs):
+        outputs = self._pairs_fused(x, chosen)
+        if outputs is None and flat.numel() <= min(self.n_expert, self.gather_max_pairs):
             outputs = self._pairs_gathered(x, flat)
-        else:
+        elif outputs is None:
             outputs = self._pairs_grouped(x, flat)
         # The k rows of a token are weighed and summed in slot order: no scatter-add, so the result is deterministic
         # on every device.
@@ -122,6 +132,20 @@ class MixtureOfExperts(torch.nn.Module):
 
     def _expert_mlp(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return clamped_swiglu(gate.float(), up.float(), self.alpha, self.limit)
+
+    def _pairs_fused(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor | None:
+        """Every pair through the formats' fused expert kernels; ``None`` if the gate's format has none here. A
+        later projection without one (a mixed-format file) takes the gathered reference for its pairs."""
+        gate = self.gate.fused(x, chosen)
+        if gate is None:
+            return None
+        up = self.up.fused(x, chosen)
+        if up is None:
+            up = self.up.gathered(x.repeat_interleave(self.top_k, dim=0), chosen.reshape(-1))
+        h = self._expert_mlp(gate, up).to(x.dtype)
+        flat = chosen.reshape(-1)
+        down = self.down.fused(h, flat)
+        return (down if down is not None else self.down.gathered(h, flat)).float()
 
     def _pairs_gathered(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """Few pairs (decode): every pair's expert decoded at once, one batched matmul per projection."""

@@ -1,0 +1,133 @@
+"""Where a decode step's time goes: ``orcd bench profile --model FILE [--streams N] [--steps 64] [--no-cuda-graphs]``.
+
+It runs the engine as ``orcd bench model`` does (greedy, end-of-generation disabled, ``N`` streams decoding
+together), lets the first steps warm up (prefill, kernel compiles, graph captures), then records ``--steps``
+engine steps under ``torch.profiler`` and prints one table: wall time per step, the device's busy time per step
+(the sum of its kernels and copies, so the rest of the step is host time the device waits for), and the kernels that
+take the most device time per step. This is the profile the performance targets ask for where one is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KernelRow:
+    name: str
+    calls_per_step: float
+    us_per_step: float
+
+
+@dataclass
+class StepProfile:
+    steps: int
+    streams: int
+    wall_us: float  # per engine step
+    device_us: float  # kernels and copies per step
+    kernels: list[KernelRow]
+    host_ops: list[KernelRow]  # operators by self CPU time per step (what the host spends the step on)
+
+
+def _short(name: str, width: int = 90) -> str:
+    name = " ".join(name.split())
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def profile_decode(path: str, device: str, prompt_tokens: int, steps: int, streams: int, graphs: bool,
+                   warmup_steps: int = 8) -> StepProfile:
+    from torch.profiler import ProfilerActivity, profile
+
+    from orcd.bench.model import engine_options, random_prompt
+    from orcd.engine import Engine, GenerationRequest
+    from orcd.loader import load_model
+    from orcd.plugins import get_plugin_manager
+    from orcd.sampling import SamplingParams
+
+    plugins = get_plugin_manager()
+    loaded = load_model(path, device=device, plugins=plugins)
+    max_tokens = warmup_steps + steps + 2
+    engine = Engine(loaded, plugins, max_batch=streams, n_ctx=prompt_tokens + max_tokens,
+                    **engine_options(device, graphs))
+    for n in range(streams):
+        engine.add_request(GenerationRequest(
+            request_id=f"p{n}", prompt_ids=random_prompt(loaded.tokenizer, prompt_tokens, seed=n),
+            max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0), stop_token_ids=set()))
+    for _ in range(warmup_steps):  # admission and prefill happen in the first step; graphs are captured here
+        engine.step()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        wall = time.perf_counter() - started
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    busy = 0.0
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        row = per_kernel[ev.name]
+        row[0] += 1
+        row[1] += ev.device_time_total
+        busy += ev.device_time_total
+    kernels = sorted((KernelRow(_short(name), n / steps, us / steps) for name, (n, us) in per_kernel.items()),
+                     key=lambda r: -r.us_per_step)
+    host_ops = sorted((KernelRow(_short(a.key), a.count / steps, a.self_cpu_time_total / steps)
+                       for a in prof.key_averages() if a.self_cpu_time_total > 0), key=lambda r: -r.us_per_step)
+    return StepProfile(steps, streams, wall * 1e6 / steps, busy / steps, kernels, host_ops)
+
+
+def format_profile(p: StepProfile, path: str, top: int = 25) -> str:
+    rows = [f"model {path}: {p.steps} decode steps of {p.streams} stream(s)",
+            f"wall {p.wall_us:.0f} us/step ({p.streams * 1e6 / p.wall_us:.0f} tok/s); device busy {p.device_us:.0f} "
+            f"us/step ({100 * p.device_us / p.wall_us:.0f}%); host-only time {max(0.0, p.wall_us - p.device_us):.0f}"
+            " us/step",
+            f"{'us/step':>9} {'share':>6} {'calls/step':>10}  kernel"]
+    for k in p.kernels[:top]:
+        share = 100 * k.us_per_step / p.device_us if p.device_us else 0.0
+        rows.append(f"{k.us_per_step:>9.1f} {share:>5.1f}% {k.calls_per_step:>10.1f}  {k.name}")
+    if len(p.kernels) > top:
+        rest = sum(k.us_per_step for k in p.kernels[top:])
+        rows.append(f"{rest:>9.1f} {'':>6} {'':>10}  ({len(p.kernels) - top} more kernels)")
+    rows.append(f"{'us/step':>9} {'':>6} {'calls/step':>10}  host operator (self CPU time)")
+    for k in p.host_ops[: max(5, top // 2)]:
+        rows.append(f"{k.us_per_step:>9.1f} {'':>6} {k.calls_per_step:>10.1f}  {k.name}")
+    return "\n".join(rows)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="FILE")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--steps", type=int, default=64, help="decode steps recorded after the warm-up")
+    p.add_argument("--streams", type=int, default=1, help="sequences decoding together")
+    p.add_argument("--top", type=int, default=25, help="kernels listed")
+    p.add_argument("--no-cuda-graphs", dest="graphs", action="store_false", help="decode eagerly on CUDA")
+
+
+def run_args(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.streams < 1:
+        raise SystemExit("--steps and --streams must be at least 1")
+    result = profile_decode(args.model, args.device, args.prompt_tokens, args.steps, args.streams, args.graphs)
+    print(format_profile(result, args.model, args.top))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m orcd.bench.profile", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
