@@ -96,6 +96,7 @@ def interpreter_configs():
     return {
         "decode": matmul.Config(bm=2, bn=16, dot=False, nb=2, split=1),  # legacy: a step past the end of K
         "decode-split": matmul.Config(bm=4, bn=16, dot=False, nb=1, split=3),  # a row of x that does not exist
+        "decode-pairs": matmul.Config(bm=1, bn=16, dot=False, nb=2, split=1),  # experts: one pair per block
         "dot": matmul.Config(bm=16, bn=16, dot=True, nb=2, split=1),  # legacy: K = 96 ends in a tail step
         "dot-split": matmul.Config(bm=16, bn=16, dot=True, nb=1, split=2),  # one unit per step: slow on GPUs, valid
     }
@@ -141,7 +142,7 @@ def test_interpreted_linear(formats: dict[str, QuantFormat], name: str, path: st
 @interpreter_only
 @pytest.mark.parametrize(("name", "path"), [
     *[(name, path) for name in ("MXFP4", "Q4_K", "Q8_0", "Q6_K") for path in ("decode", "dot", "auto")],
-    ("MXFP4", "decode-split"), ("Q8_0", "dot-split"),
+    ("MXFP4", "decode-split"), ("Q8_0", "dot-split"), ("MXFP4", "decode-pairs"), ("Q6_K", "decode-pairs"),
 ])
 def test_interpreted_experts(formats: dict[str, QuantFormat], name: str, path: str) -> None:
     matmul = matmul_module()

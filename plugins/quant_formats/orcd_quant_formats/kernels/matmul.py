@@ -389,6 +389,26 @@ def expert_blocks(ids: torch.Tensor, n_expert: int, bm: int) -> tuple[torch.Tens
     return tuple(t.to(torch.int32) for t in (e, start, end, order))
 
 
+_PAIR_INDEX: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def pair_blocks(ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The block table for blocks of one pair each (``bm == 1``, the decode kernel): block ``p`` is pair ``p``, so
+    nothing is sorted; every block reads its expert once either way. One cast instead of the ~15 small kernels of
+    ``expert_blocks``, which at decode cost more than the matmuls they plan. The index tensors are kept per size
+    (a CUDA graph that captured them keeps reading them)."""
+    flat = ids.reshape(-1)
+    key = (flat.numel(), flat.device)
+    if key in _PAIR_INDEX:
+        start, end = _PAIR_INDEX[key]
+    else:
+        start = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
+        end = start + 1
+        if not (flat.is_cuda and torch.cuda.is_current_stream_capturing()):  # filled now, not at a replay
+            _PAIR_INDEX[key] = (start, end)
+    return flat.to(torch.int32), start, end, start
+
+
 def expert_linear(
     x: torch.Tensor, data: torch.Tensor, ggml_type: int, n_expert: int, N: int, K: int, ids: torch.Tensor,
     bias: torch.Tensor | None = None, config: Config | None = None,
@@ -407,7 +427,7 @@ def expert_linear(
     if P == 0:
         return x.new_empty(0, N)
     cfg = config or _picked(ggml_type, math.ceil(P / min(n_expert, P)), N, K, _multiprocessors(x.device))
-    table = expert_blocks(ids, n_expert, cfg.bm)
+    table = pair_blocks(ids) if cfg.bm == 1 else expert_blocks(ids, n_expert, cfg.bm)
     flat = ids.reshape(-1).long() if bias is not None else None
     return _launch(x2, data, ggml_type, N, K, bias, cfg, table[0].numel(), P, grouped=table, x_div=per_row,
                    expert_stride=N * data.stride(0), bias_rows=flat)
