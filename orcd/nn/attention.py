@@ -142,7 +142,7 @@ class SelfAttention(torch.nn.Module):
         if memo_key not in batch.memo:
             batch.memo[memo_key] = self.rotary.cos_sin(batch.positions)
         cos, sin = batch.memo[memo_key]
-        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        q, k = self.rotary.apply_qk(q, k, cos, sin)
         if batch.cache is not None:
             k, v = batch.cache.update(self.layer, k, v, batch)
         window = self.sliding_window

@@ -138,6 +138,11 @@ class RotaryEmbedding(torch.nn.Module):
             return rotated
         return torch.cat((rotated, x[..., self.dim :]), dim=-1)
 
+    def apply_qk(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``apply`` to the queries and the keys of one attention layer."""
+        return self.apply(q, cos, sin), self.apply(k, cos, sin)
+
     def extra_repr(self) -> str:
         long = f", long_factors={self.uses_long_factors}" if self._long is not None else ""
         return f"dim={self.dim}, base={self.base}, mscale={self.mscale:.4g}{long}"
