@@ -171,6 +171,24 @@ class QuantizedLinear(torch.nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.weight.fmt.name}, bias={self.bias is not None}"
 
 
+def stack_linears(name: str, linears: list[QuantizedLinear]) -> QuantizedLinear | None:
+    """One linear whose output rows are those of ``linears`` in order (a fused QKV, a fused gate|up), so a decode
+    step launches one kernel where it launched several. ``None`` where they cannot share one weight: different
+    formats, input widths or devices. The rows are copied (the originals are freed once unreferenced); a missing
+    bias among biased ones contributes zeros."""
+    first = linears[0].weight
+    if any(lin.weight.fmt.ggml_type != first.fmt.ggml_type or lin.in_features != first.shape[1]
+           or lin.weight.data.device != first.data.device or lin.weight.data.dim() != 2 for lin in linears):
+        return None
+    data = torch.cat([lin.weight.data for lin in linears], dim=0)
+    rows = sum(lin.out_features for lin in linears)
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        ref = next(lin.bias for lin in linears if lin.bias is not None)
+        bias = torch.cat([lin.bias if lin.bias is not None else ref.new_zeros(lin.out_features) for lin in linears])
+    return QuantizedLinear(QuantizedTensor(name, data, first.fmt, (rows, first.shape[1])), bias)
+
+
 def reference_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Dequantize ``weight`` a tile of rows at a time and multiply; the CPU path and the oracle for kernels."""
     n_out = weight.n_rows

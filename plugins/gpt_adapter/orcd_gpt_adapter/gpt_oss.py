@@ -16,8 +16,8 @@ import torch
 
 from orcd.arch import Architecture, CausalLM, ModelConfig, SynthSpec, SynthTensor
 from orcd.errors import ModelFileError
-from orcd.nn import (DecoderBlock, DecoderLM, QuantizedEmbedding, RMSNorm, RopeScaling, RotaryEmbedding, SelfAttention,
-                     SeparateQKV)
+from orcd.nn import DecoderBlock, DecoderLM, QuantizedEmbedding, RMSNorm, RopeScaling, RotaryEmbedding, SelfAttention
+from orcd.nn.fusion import qkv_projection
 from orcd.quant import QuantizedLinear
 from orcd_gpt_adapter.moe import SWIGLU_ALPHA, SWIGLU_LIMIT, ExpertProjection, MixtureOfExperts
 from orcd_gpt_adapter.yarn import yarn_rotary
@@ -134,9 +134,10 @@ class GptOss(Architecture):
         blocks = []
         for i in range(config.block_count):
             p = f"blk.{i}."
-            qkv = SeparateQKV(*(t.linear(p + f"attn_{x}.weight", p + f"attn_{x}.bias") for x in "qkv"))
-            for proj, rows in ((qkv.q, q_size), (qkv.k, kv_size), (qkv.v, kv_size)):
+            q, k, v = (t.linear(p + f"attn_{x}.weight", p + f"attn_{x}.bias") for x in "qkv")
+            for proj, rows in ((q, q_size), (k, kv_size), (v, kv_size)):
                 _check_shape(proj.weight.name, proj.weight.shape, (rows, config.embedding_length))
+            qkv = qkv_projection(p, q, k, v, device)
             sinks = t.dense(p + "attn_sinks.weight")
             _check_shape(p + "attn_sinks.weight", tuple(sinks.shape), (config.head_count,))
             sliding = config.is_sliding(i)

@@ -13,7 +13,8 @@ import torch
 
 from orcd.arch import Architecture, CausalLM, ModelConfig, SynthSpec, SynthTensor
 from orcd.errors import ModelFileError
-from orcd.nn import DecoderBlock, DecoderLM, QuantizedEmbedding, RotaryEmbedding, SelfAttention, SeparateQKV, SwiGLU
+from orcd.nn import DecoderBlock, DecoderLM, QuantizedEmbedding, RotaryEmbedding, SelfAttention
+from orcd.nn.fusion import qkv_projection, swiglu
 from orcd.quant import QuantizedLinear
 from orcd_llama_adapter.common import TensorLoader, rope_scaling, rope_scaling_metadata
 
@@ -85,13 +86,14 @@ class Qwen2(Architecture):
         blocks = []
         for i in range(config.block_count):
             p = f"blk.{i}."
-            qkv = SeparateQKV(*(t.linear(p + f"attn_{x}.weight", p + f"attn_{x}.bias") for x in "qkv"))
-            _check_rows(qkv.q, q_size)
-            _check_rows(qkv.k, kv_size)
-            attn = SelfAttention(i, qkv, t.linear(p + "attn_output.weight"), rotary, config.head_count,
-                                 config.head_count_kv, config.head_dim)
-            mlp = SwiGLU(t.linear(p + "ffn_gate.weight"), t.linear(p + "ffn_up.weight"),
-                         t.linear(p + "ffn_down.weight"))
+            q, k, v = (t.linear(p + f"attn_{x}.weight", p + f"attn_{x}.bias") for x in "qkv")
+            _check_rows(q, q_size)
+            _check_rows(k, kv_size)
+            _check_rows(v, kv_size)
+            attn = SelfAttention(i, qkv_projection(p, q, k, v, device), t.linear(p + "attn_output.weight"), rotary,
+                                 config.head_count, config.head_count_kv, config.head_dim)
+            mlp = swiglu(p, t.linear(p + "ffn_gate.weight"), t.linear(p + "ffn_up.weight"),
+                         t.linear(p + "ffn_down.weight"), device)
             blocks.append(DecoderBlock(t.norm(p + "attn_norm.weight", eps), attn, t.norm(p + "ffn_norm.weight", eps),
                                        mlp))
         embedding = QuantizedEmbedding(t.quantized("token_embd.weight"))
