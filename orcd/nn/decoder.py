@@ -25,8 +25,14 @@ class DecoderBlock(torch.nn.Module):
         self.attn_norm, self.attention, self.ffn_norm, self.mlp = attn_norm, attention, ffn_norm, mlp
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        h = x + self.attention(self.attn_norm(x), batch)
-        return h + self.mlp(self.ffn_norm(h))
+        delta = self.attention(self.attn_norm(x), batch)
+        add_and_norm = getattr(self.ffn_norm, "add_and_norm", None)
+        if add_and_norm is not None:  # the residual add and the norm after it as one kernel (RMSNorm)
+            h, normed = add_and_norm(x, delta)
+        else:
+            h = x + delta
+            normed = self.ffn_norm(h)
+        return h + self.mlp(normed)
 
 
 class DecoderLM(CausalLM):

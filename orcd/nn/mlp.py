@@ -1,12 +1,34 @@
 """The SwiGLU feed-forward block: ``down(silu(gate(x)) * up(x))``, with gate and up as two projections or one
-fused projection whose first half of output rows is the gate (Phi-3's ``ffn_up``)."""
+fused projection whose first half of output rows is the gate (Phi-3's ``ffn_up``).
+
+Where the core's kernels apply (``orcd.nn.triton_support.use_kernels``) the activation ``silu(g) * u`` is one
+Triton kernel (``orcd.nn.norm_kernels.swiglu``, fp32 math) reading the fused projection's halves in place; the
+torch expression is the fallback and the oracle."""
 
 from __future__ import annotations
+
+import functools
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
+from orcd.nn.triton_support import use_kernels
 from orcd.quant import QuantizedLinear
+
+
+@functools.cache
+def _kernels() -> ModuleType:
+    from orcd.nn import norm_kernels  # imports Triton: only once a kernel is due to run
+
+    return norm_kernels
+
+
+def swiglu_activation(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``silu(g) * u``: one fused kernel where the kernels apply (same shapes), else the torch expression."""
+    if g.shape == u.shape and use_kernels(g, u):
+        return _kernels().swiglu(g, u)
+    return F.silu(g) * u
 
 
 class SwiGLU(torch.nn.Module):
@@ -23,4 +45,4 @@ class SwiGLU(torch.nn.Module):
             g, u = self.up(x).chunk(2, dim=-1)
         else:
             g, u = self.gate(x), self.up(x)
-        return self.down(F.silu(g) * u)
+        return self.down(swiglu_activation(g, u))
