@@ -22,6 +22,7 @@ from orcd.arch import ModelConfig
 from orcd.engine.blocks import BlockManager
 from orcd.errors import InvalidRequest
 from orcd.nn.batch import ForwardBatch
+from orcd.nn.triton_support import use_kernels
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -173,19 +174,52 @@ class PagedKVCache:
         values = vc.index_select(0, read).view(b, length, h, d).transpose(1, 2)
         return keys, values
 
+    def decode_attention(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+        window: int | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """The one-token decode step of a layer in one fused kernel (``orcd.nn.decode_attention``): store ``k``/``v``
+        ``(B, H_kv, 1, D)`` like ``update`` and return ``attention``'s ``(B, H_q, 1, D)`` over the sequences'
+        blocks, with the batch's mask (causal, ``window``) and ``sinks``. ``None`` where the kernel does not apply
+        (more than one token per sequence, no Triton, not on CUDA, kernels off): the caller then takes
+        ``update`` and ``attention``, which stay the oracle."""
+        kc, vc = self.k[layer], self.v[layer]
+        if q.shape[2] != 1 or not use_kernels(q, k, v, kc, batch.positions):
+            return None
+        from orcd.nn.decode_attention import decode_attention  # needs Triton: imported only when it runs
+
+        tables = self._tables(batch)
+        return decode_attention(q, k, v, kc, vc, tables, batch.positions, self.block_size, batch.kv_length, scale,
+                                window, sinks)
+
+    def _tables(self, batch: ForwardBatch) -> torch.Tensor:
+        """The batch's block tables (built from the manager when the batch has none), checked to cover the read."""
+        tables = batch.block_tables
+        if tables is None:
+            key = ("paged_tables", id(self))
+            if key not in batch.memo:
+                assert batch.slots is not None
+                batch.memo[key] = self.block_tables(list(batch.slots), -(-batch.kv_length // self.block_size))
+            tables = batch.memo[key]
+        if tables.shape[1] * self.block_size < batch.kv_length:
+            raise InvalidRequest(f"the block tables cover {tables.shape[1] * self.block_size} positions but attention "
+                                 f"reads {batch.kv_length}", field="block_tables")
+        return tables
+
     def _rows(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool rows where the batch's new tokens go ``(B*T,)`` and rows attention reads ``(B*kv_length,)``, in
         sequence-major order; computed once per forward (every layer shares them)."""
         key = ("paged_rows", id(self))
         if key not in batch.memo:
-            tables = batch.block_tables
-            if tables is None:
-                assert batch.slots is not None
-                tables = self.block_tables(list(batch.slots), -(-batch.kv_length // self.block_size))
+            tables = self._tables(batch)
             bs = self.block_size
-            if tables.shape[1] * bs < batch.kv_length:
-                raise InvalidRequest(f"the block tables cover {tables.shape[1] * bs} positions but attention reads "
-                                     f"{batch.kv_length}", field="block_tables")
             pos = batch.positions
             write = torch.gather(tables, 1, pos // bs) * bs + pos % bs
             offsets = torch.arange(bs, device=tables.device)

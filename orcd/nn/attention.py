@@ -143,11 +143,22 @@ class SelfAttention(torch.nn.Module):
             batch.memo[memo_key] = self.rotary.cos_sin(batch.positions)
         cos, sin = batch.memo[memo_key]
         q, k = self.rotary.apply_qk(q, k, cos, sin)
-        if batch.cache is not None:
-            k, v = batch.cache.update(self.layer, k, v, batch)
         window = self.sliding_window
-        out = attention(q, k, v, batch.mask(window), self.scale, self.sinks, batch.aligned_causal(window))
+        out = self._fused_decode(q, k, v, batch)
+        if out is None:
+            if batch.cache is not None:
+                k, v = batch.cache.update(self.layer, k, v, batch)
+            out = attention(q, k, v, batch.mask(window), self.scale, self.sinks, batch.aligned_causal(window))
         return self.output(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def _fused_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      batch: ForwardBatch) -> torch.Tensor | None:
+        """A decode step (one token per sequence) through the cache's fused store-and-attend kernel, where the cache
+        has one (``PagedKVCache.decode_attention``) and it applies; ``None`` otherwise."""
+        fused = getattr(batch.cache, "decode_attention", None)
+        if fused is None or q.shape[2] != 1:
+            return None
+        return fused(self.layer, q, k, v, batch, self.scale, self.sliding_window, self.sinks)
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "

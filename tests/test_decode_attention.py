@@ -1,0 +1,205 @@
+"""The paged decode-attention kernel (``orcd.nn.decode_attention``) against today's path: ``PagedKVCache.update``
+then ``attention`` (the oracle, taken with ``ORCD_KERNELS=0``).
+
+Setup: a real ``PagedKVCache`` (block size 16, a scratch block) holding three sequences of different lengths
+(37, 5 and 20 positions written: not multiples of the block size) in interleaved, non-contiguous blocks, plus a
+padding row at position 0 of the scratch block (as ``StaticDecode`` pads a CUDA-graph batch). One decode step
+stores each sequence's new key and value and attends; the read length ``kv_length`` is larger than any position
+(a length bucket). GQA 14/2 and 64/8 heads of dimension 64, sliding window None and 5, sinks on and off, one key
+range and a read split over several (the combine kernel).
+
+Checks: the pools hold exactly what ``update`` leaves there (same rounding to the cache's dtype); outputs match
+the oracle within ``||out - ref||_max / max(1, ||ref||_max)``:
+
+- interpreter (CPU): 1e-5. Both sides attend over the same fp16 cache values in float32 (the kernel's dots are
+  IEEE fp32, the new key is rounded to fp16 as the pool holds it); only the summation order differs (~5e-7).
+- GPU: 2e-3 without sinks: today's CUDA path is SDPA in fp16 (q and the probabilities rounded to fp16, ~5e-4
+  each, fp32 accumulation) while the kernel keeps q and probabilities in fp32. 1e-4 with sinks: both fp32
+  over fp16 values (a margin for the GPU's exp and reduction order).
+
+Padding rows must be finite; with one padding row they equal the oracle too. Without a GPU the kernels run in
+Triton's interpreter (``TRITON_INTERPRET=1`` set before they are imported); tests skip without Triton (CI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from orcd.engine.kv_cache import PagedKVCache
+from orcd.nn.attention import attention
+from orcd.nn.batch import ForwardBatch
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON and not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernel modules
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (the kernels' development tests)")
+interpreter_only = pytest.mark.skipif(
+    not (HAS_TRITON and INTERPRETED), reason="interpreter tests: CPU machines, or TRITON_INTERPRET=1")
+
+
+def gpu_test(fn):
+    """Compiled kernels on CUDA: ``gpu``-marked, and skipped without Triton or under the interpreter."""
+    for mark in (pytest.mark.gpu, needs_triton, pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1 is set")):
+        fn = mark(fn)
+    return fn
+
+
+BLOCK = 16
+LENGTHS = [37, 5, 20]  # positions each sequence has written; the decode step writes position LENGTHS[i]
+KV_LENGTH = 64  # the read length: a bucket past every position
+HEADS = [(14, 2), (64, 8)]
+HEAD_DIM = 64
+SCALE = HEAD_DIM ** -0.5
+
+
+def relative(x: torch.Tensor, y: torch.Tensor) -> float:
+    return ((x.float() - y.float()).abs().max() / max(1.0, y.float().abs().max().item())).item()
+
+
+def make_step(h_kv: int, h_q: int, device: str, seed: int = 0) -> tuple[PagedKVCache, dict]:
+    """A cache whose three sequences sit in interleaved blocks (random history), and one decode step's inputs."""
+    g = torch.Generator().manual_seed(seed)
+    cache = PagedKVCache(1, h_kv, HEAD_DIM, n_blocks=12, block_size=BLOCK, device=device, dtype=torch.float16,
+                         scratch_block=True)
+    for s, n in enumerate(LENGTHS):
+        cache.blocks.admit(s, [0] * n, KV_LENGTH)
+    for n in range(1, max(LENGTHS) + 2):  # grow in turns: each sequence's blocks are scattered
+        for s, length in enumerate(LENGTHS):
+            if n <= length + 1:
+                cache.blocks.grow(s, n)
+    assert cache.blocks.table(0) != list(range(cache.blocks.table(0)[0], cache.blocks.table(0)[0] + 3))
+    for pool in (cache.k[0], cache.v[0]):
+        pool.copy_(torch.randn(pool.shape, generator=g).to(pool.dtype))
+    width = KV_LENGTH // BLOCK
+    tables = cache.block_tables([0, 1, 2], width)
+    tables = torch.cat([tables, torch.full((1, width), cache.scratch_block, device=device)])  # the padding row
+    positions = torch.tensor(LENGTHS + [0], device=device)[:, None]
+    b = len(positions)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=g).to(device)
+
+    step = {"q": rand(b, h_q, 1, HEAD_DIM), "k": rand(b, h_kv, 1, HEAD_DIM), "v": rand(b, h_kv, 1, HEAD_DIM),
+            "positions": positions, "tables": tables, "sinks": rand(h_q)}
+    return cache, step
+
+
+def batch_of(cache: PagedKVCache, step: dict) -> ForwardBatch:
+    b = step["positions"].shape[0]
+    return ForwardBatch(torch.zeros_like(step["positions"]), step["positions"], cache, [-1] * b,
+                        kv_length=KV_LENGTH, block_tables=step["tables"])
+
+
+def oracle(cache: PagedKVCache, step: dict, window: int | None, sinks: bool) -> torch.Tensor:
+    batch = batch_of(cache, step)
+    k, v = cache.update(0, step["k"], step["v"], batch)
+    return attention(step["q"], k, v, batch.mask(window), SCALE, step["sinks"] if sinks else None)
+
+
+def check(device: str, h_q: int, h_kv: int, window: int | None, sinks: bool, splits: int | None, tol: float,
+          monkeypatch: pytest.MonkeyPatch) -> None:
+    from orcd.nn.decode_attention import decode_attention
+
+    cache, step = make_step(h_kv, h_q, device)
+    theirs, _ = make_step(h_kv, h_q, device)  # the same seed: the same cache and step
+    got = decode_attention(step["q"], step["k"], step["v"], cache.k[0], cache.v[0], step["tables"],
+                           step["positions"], BLOCK, KV_LENGTH, SCALE, window, step["sinks"] if sinks else None,
+                           splits=splits)
+    monkeypatch.setenv("ORCD_KERNELS", "0")
+    want = oracle(theirs, step, window, sinks)
+    assert got.shape == want.shape == (4, h_q, 1, HEAD_DIM) and got.dtype == want.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    assert torch.equal(cache.k[0], theirs.k[0]) and torch.equal(cache.v[0], theirs.v[0])
+    assert relative(got, want) < tol, relative(got, want)
+
+
+@interpreter_only
+@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("h_q,h_kv", HEADS)
+def test_kernel_equals_update_then_attention(h_q, h_kv, window, sinks, splits, monkeypatch):
+    check("cpu", h_q, h_kv, window, sinks, splits, 1e-5, monkeypatch)
+
+
+@interpreter_only
+def test_self_attention_takes_the_kernel_only_for_one_token_steps(monkeypatch):
+    """``PagedKVCache.decode_attention`` answers only a one-token step with kernels on; otherwise ``None`` (the
+    caller keeps ``update`` + ``attention``), and it leaves the cache untouched then."""
+    cache, step = make_step(2, 14, "cpu")
+    batch = batch_of(cache, step)
+    args = (step["q"], step["k"], step["v"], batch, SCALE)
+    out = cache.decode_attention(0, *args)
+    assert out is not None and out.shape == (4, 14, 1, HEAD_DIM)
+    cache, step = make_step(2, 14, "cpu")
+    before = cache.k[0].clone()
+    monkeypatch.setenv("ORCD_KERNELS", "0")
+    assert cache.decode_attention(0, step["q"], step["k"], step["v"], batch_of(cache, step), SCALE) is None
+    monkeypatch.delenv("ORCD_KERNELS")
+    two = ForwardBatch(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[3, 4]]), cache, [0])
+    q2, k2 = torch.randn(1, 14, 2, HEAD_DIM), torch.randn(1, 2, 2, HEAD_DIM)
+    assert cache.decode_attention(0, q2, k2, k2, two, SCALE) is None
+    assert torch.equal(cache.k[0], before)
+
+
+@interpreter_only
+def test_a_gpt_oss_decode_through_the_kernel_equals_the_torch_path(synth_model, plugins, monkeypatch):
+    """Sinks and alternating sliding-window layers in a real model: the fixed-shape decode step (padding rows,
+    length buckets) gives the same logits with the kernel as through ``update`` + ``attention``."""
+    from orcd.engine import Engine, GenerationRequest, TokenEvent
+    from orcd.loader import load_model
+    from orcd.sampling import SamplingParams
+
+    loaded = load_model(synth_model("gpt-oss", "MXFP4"), "cpu", plugins)
+
+    def run(kernels: str) -> list[int]:
+        monkeypatch.setenv("ORCD_KERNELS", kernels)
+        engine = Engine(loaded, plugins, max_batch=4, n_ctx=96, static_shapes=True)
+        for i, n in enumerate((21, 3, 40)):
+            prompt = [(7 * i + j) % 50 + 10 for j in range(n)]
+            engine.add_request(GenerationRequest(request_id=str(i), prompt_ids=prompt, max_tokens=4,
+                                                 sampling=SamplingParams(temperature=0.0), stop_token_ids=set()))
+        tokens: list[int] = []
+        while engine.has_work():
+            tokens += [e.token_id for e in engine.step() if isinstance(e, TokenEvent)]
+        return tokens
+
+    assert run("1") == run("0")
+
+
+@gpu_test
+@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("h_q,h_kv", HEADS)
+def test_kernel_equals_update_then_attention_on_cuda(h_q, h_kv, window, sinks, splits, monkeypatch):
+    check("cuda", h_q, h_kv, window, sinks, splits, 1e-4 if sinks else 2e-3, monkeypatch)
+
+
+@gpu_test
+def test_kernel_step_captures_in_a_cuda_graph():
+    """The launch makes no host sync: captured once, replayed with new positions written into the same tensors."""
+    from orcd.nn.decode_attention import decode_attention
+
+    cache, step = make_step(8, 64, "cuda")
+    run = lambda: decode_attention(step["q"], step["k"], step["v"], cache.k[0], cache.v[0],  # noqa: E731
+                                   step["tables"], step["positions"], BLOCK, KV_LENGTH, SCALE, 5, step["sinks"])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    step["positions"].copy_(torch.tensor([[38], [6], [21], [0]], device="cuda"))
+    graph.replay()
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, run())
