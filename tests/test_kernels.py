@@ -322,3 +322,20 @@ def test_cuda_switch_and_graph_capture(formats: dict[str, QuantFormat], monkeypa
     assert relative_error(e_static, ref) < TOLERANCE[torch.float32], f"seed {seed}"
 
 
+
+
+@needs_triton
+@pytest.mark.parametrize(("name", "itemsize", "want"), [
+    ("Q4_K", 4, (128, 128, 1)),  # fp32 operands, 128-value steps: 2 stages would need 256 KiB
+    ("Q4_K", 2, (128, 128, 2)),  # fp16: 128 KiB at 2 stages fits
+    ("Q8_0", 4, (128, 128, 2)),  # 64-value steps
+])
+def test_dot_launch_fits_shared_memory(name: str, itemsize: int, want: tuple[int, int, int]) -> None:
+    """The tl.dot launch shrinks (stages, then tiles) to an H100's 227 KiB of shared memory per program: the
+    prefill of a Qwen2.5-0.5B-shaped Q4_K_M file in fp32 failed to launch before."""
+    matmul = matmul_module()
+    spec = matmul.SPECS[int(getattr(T, name))]
+    cfg = matmul.fit_shared_memory(matmul.pick_config(spec, 511, 4864, 896), spec, itemsize, 232448)
+    assert (cfg.bm, cfg.bn, cfg.stages) == want
+    small = matmul.fit_shared_memory(matmul.pick_config(spec, 511, 4864, 896), spec, 4, 48 * 1024)
+    assert (small.bm + small.bn) * small.nb * spec.unit(True) * 4 * small.stages <= 48 * 1024 * 7 // 8

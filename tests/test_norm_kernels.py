@@ -43,6 +43,12 @@ def gpu_test(fn):
     return fn
 
 
+@pytest.fixture(autouse=True)
+def _kernels_on_cpu(monkeypatch) -> None:
+    """The modules take the kernels on CPU tensors (in the interpreter) in these tests only."""
+    monkeypatch.setenv("ORCD_INTERPRET_KERNELS", "1")
+
+
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3}
 CPU_WIDTHS = [100, 896, 2880]
 GPU_WIDTHS = [100, 896, 2880, 3072, 4096, 8192]

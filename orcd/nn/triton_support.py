@@ -3,7 +3,7 @@
 They are optional: the core needs only torch, and every fused op has a torch path that is the oracle and the CPU
 fallback. A kernel runs when its input is on a CUDA device, Triton imports, and ``ORCD_KERNELS`` is not ``0`` (the
 switch the quant plugin's kernels honour too). Tests on CPU machines run the kernels in Triton's interpreter
-(``TRITON_INTERPRET=1`` with CPU tensors): ``interpreted()`` lets a caller take them there too.
+(``TRITON_INTERPRET=1`` and ``ORCD_INTERPRET_KERNELS=1`` with CPU tensors): ``interpreted()`` says so.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ def triton_importable() -> bool:
 
 
 def interpreted() -> bool:
-    """Triton's CPU interpreter is on: kernels accept CPU tensors (the development tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """The kernels' development tests asked for them on CPU tensors: Triton's interpreter is on
+    (``TRITON_INTERPRET=1``) and ``ORCD_INTERPRET_KERNELS=1``. The second switch is set per test by the kernel
+    tests only, so the other CPU tests of the same run keep the (much faster) torch path."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("ORCD_INTERPRET_KERNELS") == "1"
 
 
 def use_kernels(*tensors: torch.Tensor) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gguf
 import torch
@@ -244,6 +244,12 @@ def _picked(ggml_type: int, rows: int, N: int, K: int, multiprocessors: int) -> 
     return pick_config(SPECS[ggml_type], rows, N, K, multiprocessors)
 
 
+@functools.lru_cache(maxsize=4096)
+def _fitted(ggml_type: int, rows: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> Config:
+    cfg = _picked(ggml_type, rows, N, K, _multiprocessors(device))
+    return fit_shared_memory(cfg, SPECS[ggml_type], dtype.itemsize, _shared_memory(device))
+
+
 _SM_COUNT: dict[torch.device, int] = {}
 
 
@@ -254,6 +260,43 @@ def _multiprocessors(device: torch.device) -> int:
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
     return _SM_COUNT[device]
+
+
+_SHARED: dict[torch.device, int] = {}
+
+
+def _shared_memory(device: torch.device) -> int:
+    """Shared memory one program may use on ``device`` (bytes); the interpreter has no limit that matters."""
+    if device.type != "cuda":
+        return 1 << 30
+    if device not in _SHARED:
+        props = torch.cuda.get_device_properties(device)
+        _SHARED[device] = int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
+    return _SHARED[device]
+
+
+def fit_shared_memory(cfg: Config, spec: Spec, element_size: int, limit: int) -> Config:
+    """``cfg`` with fewer pipeline stages, then smaller tiles, until the tl.dot kernel's operand buffers fit in
+    ``limit`` bytes (fp32 operands of a K-quant's 128-value steps need 256 KiB at 128x128 with 2 stages, more than
+    an H100 has). The budget keeps 1/8 for the compiler's own scratch."""
+    if not cfg.dot:
+        return cfg
+    step = cfg.nb * spec.unit(True)
+    budget = limit * 7 // 8
+
+    def need(c: Config) -> int:
+        return (c.bm + c.bn) * step * element_size * c.stages
+
+    while need(cfg) > budget:
+        if cfg.stages > 1:
+            cfg = replace(cfg, stages=cfg.stages - 1)
+        elif cfg.bn >= cfg.bm and cfg.bn > 16:
+            cfg = replace(cfg, bn=cfg.bn // 2)
+        elif cfg.bm > 16:
+            cfg = replace(cfg, bm=cfg.bm // 2)
+        else:
+            break
+    return cfg
 
 
 def _checked(spec: Spec, cfg: Config, K: int) -> None:
@@ -357,7 +400,7 @@ def linear(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    cfg = config or _picked(ggml_type, M, N, K, _multiprocessors(x.device))
+    cfg = config or _fitted(ggml_type, M, N, K, x.dtype, x.device)
     out = _launch(x2, data, ggml_type, N, K, bias, cfg, triton.cdiv(M, cfg.bm), M)
     return out.reshape(*x.shape[:-1], N)
 
@@ -426,7 +469,7 @@ def expert_linear(
         raise ValueError(f"{P} expert ids for {x2.shape[0]} rows of x ({per_row} per row)")
     if P == 0:
         return x.new_empty(0, N)
-    cfg = config or _picked(ggml_type, math.ceil(P / min(n_expert, P)), N, K, _multiprocessors(x.device))
+    cfg = config or _fitted(ggml_type, math.ceil(P / min(n_expert, P)), N, K, x.dtype, x.device)
     table = pair_blocks(ids) if cfg.bm == 1 else expert_blocks(ids, n_expert, cfg.bm)
     flat = ids.reshape(-1).long() if bias is not None else None
     return _launch(x2, data, ggml_type, N, K, bias, cfg, table[0].numel(), P, grouped=table, x_div=per_row,
