@@ -25,14 +25,28 @@ class DecoderBlock(torch.nn.Module):
         self.attn_norm, self.attention, self.ffn_norm, self.mlp = attn_norm, attention, ffn_norm, mlp
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        delta = self.attention(self.attn_norm(x), batch)
-        add_and_norm = getattr(self.ffn_norm, "add_and_norm", None)
-        if add_and_norm is not None:  # the residual add and the norm after it as one kernel (RMSNorm)
-            h, normed = add_and_norm(x, delta)
-        else:
-            h = x + delta
-            normed = self.ffn_norm(h)
-        return h + self.mlp(normed)
+        h, delta = self.residual_step(x, None, batch)
+        return h + delta
+
+    def residual_step(self, x: torch.Tensor, pending: torch.Tensor | None,
+                      batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block over the residual stream ``x + pending`` (``pending``: the previous block's MLP output, not
+        yet added), returning ``(h, mlp_out)`` with the last add left to the next block: every residual add then
+        happens inside a norm's kernel (``add_and_norm``), the same sums in the same order as ``forward``."""
+        x, normed = _add_norm(self.attn_norm, x, pending)
+        h, normed = _add_norm(self.ffn_norm, x, self.attention(normed, batch))
+        return h, self.mlp(normed)
+
+
+def _add_norm(norm: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + delta, norm(x + delta))``; one kernel where the norm has ``add_and_norm`` (RMSNorm)."""
+    if delta is None:
+        return x, norm(x)
+    add_and_norm = getattr(norm, "add_and_norm", None)
+    if add_and_norm is not None:
+        return add_and_norm(x, delta)
+    h = x + delta
+    return h, norm(h)
 
 
 class DecoderLM(CausalLM):
@@ -66,10 +80,12 @@ class DecoderLM(CausalLM):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, all_logits: bool = False) -> torch.Tensor:
-        x = self.embedding(batch.tokens)
+        x, pending = self.embedding(batch.tokens), None
         for block in self.blocks:
-            x = block(x, batch)
+            x, pending = block.residual_step(x, pending, batch) if isinstance(block, DecoderBlock) else \
+                (block(x if pending is None else x + pending, batch), None)
         if not all_logits:
-            x = x[:, -1:]  # only the last token's logits are needed to sample; skip the head for the rest
-        logits = self.output(self.output_norm(x)).float()
+            # only the last token's logits are needed to sample; skip the head for the rest
+            x, pending = x[:, -1:], None if pending is None else pending[:, -1:]
+        logits = self.output(_add_norm(self.output_norm, x, pending)[1]).float()
         return logits if all_logits else logits[:, -1]
