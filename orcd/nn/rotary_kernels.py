@@ -11,9 +11,9 @@ partner (``d + half`` in the first half, ``d - half`` in the second) and the pai
 rotary dimension (partial rotary) are copied unchanged. Any input strides are accepted (the projections' outputs
 arrive as transposed views, possibly slices of a fused QKV output).
 
-The math is fp32 with the torch path's operations in its order (``x1 cos - x2 sin``, ``x2 cos + x1 sin``), so the
-interpreter reproduces it bit for bit; compiled, the backend may contract a product and the sum into an FMA, which
-can change the last bit of the fp32 result (relative error ~1e-7).
+The math is fp32 with the torch path's operations in its order (``x1 cos - x2 sin``, ``x2 cos + x1 sin``), each
+product rounded (the launch turns FMA contraction off; with it, the last bit of a result could differ), so the
+kernel reproduces the torch path bit for bit, compiled or interpreted.
 
 Nothing here is imported until a kernel runs (``orcd`` imports without Triton).
 """
@@ -102,6 +102,6 @@ def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(),
         cos.stride(0), cos.stride(2), cos.stride(3), sin.stride(0), sin.stride(2), sin.stride(3),
         HQ=hq, HKV=hkv, HALF=half, ROT=rot_dim, D=d, BLOCK_H=block_h, BLOCK_D=block_d,
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=False,  # no FMA contraction: the torch path's roundings, bit for bit
     )
     return qo, ko
