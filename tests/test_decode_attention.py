@@ -189,8 +189,11 @@ def test_kernel_step_captures_in_a_cuda_graph():
     from orcd.nn.decode_attention import decode_attention
 
     cache, step = make_step(8, 64, "cuda")
-    run = lambda: decode_attention(step["q"], step["k"], step["v"], cache.k[0], cache.v[0],  # noqa: E731
-                                   step["tables"], step["positions"], BLOCK, KV_LENGTH, SCALE, 5, step["sinks"])
+
+    def run() -> torch.Tensor:
+        return decode_attention(step["q"], step["k"], step["v"], cache.k[0], cache.v[0], step["tables"],
+                                step["positions"], BLOCK, KV_LENGTH, SCALE, 5, step["sinks"])
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -11,7 +11,8 @@ slot ``s`` lives at ``[s, :, p]``. Simple and exact; tests and references use it
 holds a list of blocks (its block table, kept by ``BlockManager``); position ``p`` lives at row
 ``table[p // block_size] * block_size + p % block_size``. Blocks are taken as sequences grow and shared between
 sequences with a common prompt prefix. Attention reads each sequence's rows gathered into ``(B, H_kv, kv_length,
-D)``: index arithmetic on device tensors only, so the decode step can be captured in a CUDA graph.
+D)``: index arithmetic on device tensors only, so the decode step can be captured in a CUDA graph. A one-token
+step may instead store and attend in one Triton kernel (``decode_attention``) that reads the blocks in place.
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ class PagedKVCache:
         kc, vc = self.k[layer], self.v[layer]
         if q.shape[2] != 1 or not use_kernels(q, k, v, kc, batch.positions):
             return None
-        from orcd.nn.decode_attention import decode_attention  # needs Triton: imported only when it runs
+        # needs Triton: imported only when it runs
+        from orcd.nn.decode_attention import decode_attention
 
         tables = self._tables(batch)
         return decode_attention(q, k, v, kc, vc, tables, batch.positions, self.block_size, batch.kv_length, scale,

@@ -7,6 +7,10 @@ softmax's denominator and attends to nothing (GPT-OSS), so a head can put weight
 Three paths, one result: on CUDA with a half-precision KV cache and no sinks, PyTorch's fused SDPA kernels run in
 FP16 (FlashAttention for a prompt's first chunk, where the mask is plain causal; the memory-efficient kernel with
 the mask otherwise); elsewhere SDPA in float32 (the CPU reference); with sinks an explicit float32 softmax.
+
+A decode step (one token per sequence) with a paged cache skips all of that where Triton kernels run: the cache's
+``decode_attention`` stores the new keys and values and attends over the block tables in one kernel
+(``orcd.nn.decode_attention``); ``update`` + ``attention`` stay its fallback and oracle.
 """
 
 from __future__ import annotations
