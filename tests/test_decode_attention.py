@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from orcd.engine.kv_cache import PagedKVCache
-from orcd.nn.attention import attention
+from orcd.nn.attention import SelfAttention, attention
 from orcd.nn.batch import ForwardBatch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -49,6 +49,12 @@ def gpu_test(fn):
     for mark in (pytest.mark.gpu, needs_triton, pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1 is set")):
         fn = mark(fn)
     return fn
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PagedKVCache.decode_attention`` takes the kernel on CPU tensors (in the interpreter) in these tests only."""
+    monkeypatch.setenv("ORCD_INTERPRET_KERNELS", "1")
 
 
 BLOCK = 16
@@ -152,12 +158,26 @@ def test_self_attention_takes_the_kernel_only_for_one_token_steps(monkeypatch):
 @interpreter_only
 def test_a_gpt_oss_decode_through_the_kernel_equals_the_torch_path(synth_model, plugins, monkeypatch):
     """Sinks and alternating sliding-window layers in a real model: the fixed-shape decode step (padding rows,
-    length buckets) gives the same logits with the kernel as through ``update`` + ``attention``."""
+    length buckets, a window of 8) gives the same greedy tokens with the kernel as through ``update`` +
+    ``attention``."""
+    import orcd.nn.decode_attention as kernel
     from orcd.engine import Engine, GenerationRequest, TokenEvent
     from orcd.loader import load_model
     from orcd.sampling import SamplingParams
 
     loaded = load_model(synth_model("gpt-oss", "MXFP4"), "cpu", plugins)
+    windowed = [m for m in loaded.module.modules() if isinstance(m, SelfAttention) and m.sliding_window]
+    assert windowed and all(m.sinks is not None for m in windowed)
+    for m in windowed:
+        m.sliding_window = 8  # the synthetic model's 128 would not cut into these short sequences
+    launches: list[int] = []
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        launches.append(1)
+        return real(*args, **kwargs)
+
+    real = kernel.decode_attention
+    monkeypatch.setattr(kernel, "decode_attention", counted)
 
     def run(kernels: str) -> list[int]:
         monkeypatch.setenv("ORCD_KERNELS", kernels)
@@ -171,7 +191,9 @@ def test_a_gpt_oss_decode_through_the_kernel_equals_the_torch_path(synth_model, 
             tokens += [e.token_id for e in engine.step() if isinstance(e, TokenEvent)]
         return tokens
 
-    assert run("1") == run("0")
+    with_kernel = run("1")
+    assert launches  # every layer of every decode step took the kernel
+    assert with_kernel == run("0")
 
 
 @gpu_test
