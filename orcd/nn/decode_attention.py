@@ -31,7 +31,9 @@ import triton.language as tl
 
 NEG: tl.constexpr = tl.constexpr(-1.0e30)  # "no score yet": finite, so exp(NEG - NEG) = 1 never makes a NaN
 BLOCK_N = 64  # keys per loop step
-MIN_SPLIT = 512  # a key range shorter than this is not worth a second (combine) kernel
+# A key range shorter than this is not worth a second (combine) kernel. Low, because decode has few (sequence, K/V
+# head) pairs (Qwen2.5-0.5B: 2 per sequence): unsplit, two programs would each walk the whole context.
+MIN_SPLIT = 128
 TARGET_PROGRAMS = 128  # split the read until about this many programs run (an H100 has 132 SMs)
 
 
