@@ -326,9 +326,10 @@ def test_cuda_switch_and_graph_capture(formats: dict[str, QuantFormat], monkeypa
 
 @needs_triton
 @pytest.mark.parametrize(("name", "itemsize", "want"), [
-    ("Q4_K", 4, (128, 128, 1)),  # fp32 operands, 128-value steps: 2 stages would need 256 KiB
-    ("Q4_K", 2, (128, 128, 2)),  # fp16: 128 KiB at 2 stages fits
-    ("Q8_0", 4, (128, 128, 2)),  # 64-value steps
+    ("Q4_K", 4, (128, 64, 1)),  # fp32 (tf32x3) operands of 128-value steps: 256 KiB at 128x128, one stage
+    ("Q4_K", 2, (128, 128, 2)),  # fp16: 64 KiB at 2 stages
+    ("Q6_K", 4, (64, 32, 1)),  # 256-value steps
+    ("Q8_0", 4, (128, 128, 1)),  # 64-value steps
 ])
 def test_dot_launch_fits_shared_memory(name: str, itemsize: int, want: tuple[int, int, int]) -> None:
     """The tl.dot launch shrinks (stages, then tiles) to an H100's 227 KiB of shared memory per program: the
@@ -338,4 +339,36 @@ def test_dot_launch_fits_shared_memory(name: str, itemsize: int, want: tuple[int
     cfg = matmul.fit_shared_memory(matmul.pick_config(spec, 511, 4864, 896), spec, itemsize, 232448)
     assert (cfg.bm, cfg.bn, cfg.stages) == want
     small = matmul.fit_shared_memory(matmul.pick_config(spec, 511, 4864, 896), spec, 4, 48 * 1024)
-    assert (small.bm + small.bn) * small.nb * spec.unit(True) * 4 * small.stages <= 48 * 1024 * 7 // 8
+    fits = (small.bm + small.bn) * small.nb * spec.unit(True) * 8 * small.stages <= 48 * 1024 * 7 // 8
+    assert fits or (small.bm, small.bn, small.stages) == (16, 16, 1)  # else the smallest tile (Q6_K's is 64 KiB)
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETED, reason="compiles for sm_90; the interpreter replaces the compiler")
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "MXFP4"])
+def test_fitted_dot_launches_compile_within_h100_shared_memory(name: str) -> None:
+    """Compiled for an H100 (sm_90, no GPU needed), the prefill launch ``fit_shared_memory`` picks for fp32 and
+    fp16 x asks for no more shared memory than the H100 has: Triton's own count, not our estimate."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    matmul = matmul_module()
+    ggml_type = int(getattr(T, name))
+    spec = matmul.SPECS[ggml_type]
+    for itemsize, ptr, precision in ((4, "*fp32", "tf32x3"), (2, "*fp16", "ieee")):
+        cfg = matmul.fit_shared_memory(matmul.pick_config(spec, 511, 4864, 896), spec, itemsize, H100_SHARED)
+        consts = {"FMT": ggml_type, "QK": spec.block_size, "TYPE_SIZE": spec.type_size, "UNITS": spec.units(True),
+                  "BM": cfg.bm, "BN": cfg.bn, "NB": cfg.nb, "GROUPED": False, "X_DIV": 1, "HAS_BIAS": False,
+                  "PARTIAL": False, "X_F32": itemsize == 4, "PRECISION": precision}
+        fn = matmul.qmm_kernel
+        pointers = {"x_ptr": ptr, "out_ptr": ptr, "bias_ptr": ptr, "w_ptr": "*u8"}
+        signature = {a: "constexpr" if a in consts else pointers.get(a, "*i32" if a.endswith("_ptr") else "i32")
+                     for a in fn.arg_names}
+        source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": cfg.warps, "num_stages": cfg.stages})
+        assert kernel.metadata.shared <= H100_SHARED, (name, itemsize, cfg, kernel.metadata.shared)
+
+
+H100_SHARED = 232448  # bytes of shared memory one program may use on an H100 (sm_90)

@@ -30,6 +30,7 @@ import gguf
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from orcd_quant_formats.kernels.common import MAGIC_BITS
 from orcd_quant_formats.kernels.gemv import gemv_kernel
@@ -276,21 +277,23 @@ def _shared_memory(device: torch.device) -> int:
 
 
 def fit_shared_memory(cfg: Config, spec: Spec, element_size: int, limit: int) -> Config:
-    """``cfg`` with fewer pipeline stages, then smaller tiles, until the tl.dot kernel's operand buffers fit in
-    ``limit`` bytes (fp32 operands of a K-quant's 128-value steps need 256 KiB at 128x128 with 2 stages, more than
-    an H100 has). The budget keeps 1/8 for the compiler's own scratch."""
+    """``cfg`` with fewer pipeline stages, then smaller tiles, until the tl.dot kernel's buffers fit in ``limit``
+    bytes. The estimate, ``(bm + bn) * K-step * element size * stages``, is doubled for fp32 operands (tf32x3 keeps
+    a high and a low part of each): compiled for sm_90 it bounds what Triton 3.9 allocates for every format (fp32
+    Q4_K at 128x128 takes 256 KiB, more than an H100's 227). The budget keeps 1/8 for the compiler's own scratch;
+    a launch that still runs out is retried with smaller tiles (``_launch_dot``)."""
     if not cfg.dot:
         return cfg
     step = cfg.nb * spec.unit(True)
     budget = limit * 7 // 8
 
     def need(c: Config) -> int:
-        return (c.bm + c.bn) * step * element_size * c.stages
+        return (c.bm + c.bn) * step * element_size * c.stages * (2 if element_size == 4 else 1)
 
     while need(cfg) > budget:
         if cfg.stages > 1:
             cfg = replace(cfg, stages=cfg.stages - 1)
-        elif cfg.bn >= cfg.bm and cfg.bn > 16:
+        elif cfg.bn > 64 or (cfg.bn > 16 and cfg.bm <= 64):
             cfg = replace(cfg, bn=cfg.bn // 2)
         elif cfg.bm > 16:
             cfg = replace(cfg, bm=cfg.bm // 2)
@@ -362,25 +365,46 @@ def _launch(
     if not cfg.dot:
         gemv_kernel[grid](*args, **flags)
     else:
-        def launch(precision: str) -> None:
-            qmm_kernel[grid](*args, X_F32=x.dtype == torch.float32, PRECISION=precision, **flags)
-
-        precision = _dot_precision(x)
-        if precision == "tf32x3":
-            try:
-                launch(precision)
-            except Exception as e:  # noqa: BLE001 -- a Triton without tf32x3 for this dot: IEEE products instead
-                _NO_TF32X3.add(f"{type(e).__name__}: {e}".splitlines()[0])
-                warnings.warn(f"fp32 tl.dot with tf32x3 failed ({next(iter(_NO_TF32X3))}); using ieee", stacklevel=2)
-                launch("ieee")
-        else:
-            launch(precision)
+        _launch_dot(args, flags, grid, x, N, (ggml_type, cfg, x.dtype))
     if not partial:
         return out
     result = out.sum(dim=0)
     if bias is not None:
         result += bias.float() if bias_rows is None else bias.float().index_select(0, bias_rows)
     return result.to(x.dtype)
+
+
+# (ggml type, config, dtype, precision) -> the BN that launched, once a launch ran out of shared memory
+_DOT_BN: dict[tuple, int] = {}
+
+
+def _launch_dot(args: tuple, flags: dict, grid: tuple[int, int, int], x: torch.Tensor, N: int, key: tuple) -> None:
+    """Launch ``qmm_kernel``. A launch that needs more shared memory than the device has (``fit_shared_memory``
+    estimates; the compiler decides) is retried with half the weight rows per program, down to 16, then with IEEE
+    products (fp32 ``x``); the BN that worked is remembered. tf32x3 that does not compile at all is given up for
+    the process, with a warning."""
+    precision = _dot_precision(x)
+    bn = _DOT_BN.get((*key, precision), flags["BN"])
+    while True:
+        try:
+            qmm_kernel[(grid[0], triton.cdiv(N, bn), grid[2])](
+                *args, X_F32=x.dtype == torch.float32, PRECISION=precision, **{**flags, "BN": bn})
+            if bn != flags["BN"]:
+                _DOT_BN[(*key, precision)] = bn
+            return
+        except OutOfResources:
+            if bn > 16:
+                bn //= 2
+            elif precision == "tf32x3":
+                precision, bn = "ieee", flags["BN"]
+            else:
+                raise
+        except Exception as e:  # noqa: BLE001 -- a Triton without tf32x3 for this dot: IEEE products instead
+            if precision != "tf32x3":
+                raise
+            _NO_TF32X3.add(f"{type(e).__name__}: {e}".splitlines()[0])
+            warnings.warn(f"fp32 tl.dot with tf32x3 failed ({next(iter(_NO_TF32X3))}); using ieee", stacklevel=3)
+            precision, bn = "ieee", flags["BN"]
 
 
 def _rows(x: torch.Tensor, K: int) -> torch.Tensor:
