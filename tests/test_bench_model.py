@@ -1,0 +1,60 @@
+"""``orcd bench model`` and ``orcd bench profile`` run end to end on a small synthetic file (CPU here, the same code
+on CUDA): the table has orcd's rows, the stream runs, and llama.cpp's row from the same run; the profile splits a
+decode step into operators. The figures themselves are measurements, not asserted beyond being positive."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from orcd.bench import model as bench_model
+from orcd.bench import profile as bench_profile
+
+from conftest import require_reference
+
+
+def bench_args(path, peer: str, streams: str = "1") -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    bench_model.add_arguments(p)
+    return p.parse_args(["--model", str(path), "--device", "cpu", "--prompt-tokens", "24", "--decode-tokens", "6",
+                         "--repeat", "1", "--streams", streams, "--peer", peer])
+
+
+def decode_rates(table: str) -> dict[str, float]:
+    rows = {}
+    for line in table.splitlines():
+        m = re.match(r"(orcd x\d+|orcd|llama\.cpp|transformers)\s+\S+\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", line)
+        if m:
+            rows[m.group(1)] = float(m.group(5))
+    return rows
+
+
+def test_bench_model_table_with_streams(synth_model, capsys) -> None:
+    path = synth_model("qwen2", "Q8_0")
+    assert bench_model.run_args(bench_args(path, "none", "1,3")) == 0
+    table = capsys.readouterr().out
+    rates = decode_rates(table)
+    assert set(rates) == {"orcd", "orcd x3"} and all(r > 0 for r in rates.values()), table
+    assert "orcd x3: aggregate decode" in table
+
+
+def test_bench_model_beside_llama_cpp(synth_model, capsys) -> None:
+    require_reference("llama_cpp")
+    path = synth_model("qwen2", "Q4_K_M")
+    assert bench_model.run_args(bench_args(path, "llama.cpp")) == 0
+    table = capsys.readouterr().out
+    rates = decode_rates(table)
+    assert set(rates) == {"orcd", "llama.cpp"} and all(r > 0 for r in rates.values()), table
+    assert re.search(r"orcd / llama\.cpp on cpu: decode [\d.]+x, prompt [\d.]+x", table)
+
+
+def test_bench_profile_splits_a_decode_step(synth_model) -> None:
+    path = synth_model("phi3", "Q4_K_M")
+    prof = bench_profile.profile_decode(str(path), "cpu", prompt_tokens=20, steps=3, streams=2, graphs=False,
+                                        warmup_steps=2)
+    assert prof.steps == 3 and prof.streams == 2 and prof.wall_us > 0
+    assert prof.device_us == 0 and not prof.kernels  # no device on the CPU: the step is all host time
+    names = {op.name for op in prof.host_ops}
+    assert "aten::mm" in names or "aten::matmul" in names or "aten::linear" in names, names
+    text = bench_profile.format_profile(prof, str(path))
+    assert "decode steps of 2 stream(s)" in text and "host operator" in text
