@@ -12,6 +12,14 @@ export PYTHONPATH=$PWD:$PWD/plugins/quant_formats:$PWD/plugins/llama_adapter:$PW
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 models=/tmp/models; mkdir -p $models
+# Triton compiles each kernel variant on first use (seconds each; minutes for a model's set). A cache from an earlier
+# call (.peer/triton-cache.tgz, copied from that call's $OUT) starts this one warm; this call's cache goes to $OUT.
+export TRITON_CACHE_DIR=/tmp/triton-cache; mkdir -p "$TRITON_CACHE_DIR"
+[ -f .peer/triton-cache.tgz ] && tar xzf .peer/triton-cache.tgz -C "$TRITON_CACHE_DIR"
+save_cache() { tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
+  [ "$(stat -c %s "$OUT/triton-cache.tgz" 2>/dev/null || echo 0)" -lt 40000000 ] || rm -f "$OUT/triton-cache.tgz"; }
+trap save_cache EXIT
+trap "exit 143" TERM INT  # the device tool's time limit: exit through the EXIT trap
 
 for step in "$@"; do
   echo "=== $step"
