@@ -12,18 +12,35 @@ Where the weights' format has a fused expert kernel (``QuantFormat.expert_linear
 ``orcd_quant_formats``), every batch size goes through it instead: pairs are grouped by expert on the device, each
 chosen expert's blocks are read once per group and decoded in registers, and there is no host sync, so decode steps
 of any batch size can be captured in a CUDA graph. The two paths above stay as the fallback and the oracle.
+
+Where the core's kernels apply (``orcd.nn.triton_support.use_kernels``: CUDA, Triton, ``ORCD_KERNELS`` not ``0``),
+the router of a decode batch (logits, top-k, softmax), the clamped SwiGLU and the weighted sum of the k expert
+outputs are one Triton kernel each (``orcd_gpt_adapter.moe_kernels``) instead of ~14 small torch kernels; the torch
+code is the fallback and the oracle. The router kernel breaks ties between equal logits towards the lower expert
+index, where ``torch.topk`` promises no order.
 """
 
 from __future__ import annotations
+
+import functools
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from orcd.errors import ModelFileError
+from orcd.nn.triton_support import use_kernels
 from orcd.quant import QuantizedLinear, QuantizedTensor
 
 SWIGLU_ALPHA = 1.702  # llama.cpp's swiglu_oai and HF's swiglu_alpha
 SWIGLU_LIMIT = 7.0  # llama.cpp's swiglu_oai and HF's swiglu_limit
+
+
+@functools.cache
+def _kernels() -> ModuleType:
+    from orcd_gpt_adapter import moe_kernels  # imports Triton: only once a kernel is due to run
+
+    return moe_kernels
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float = SWIGLU_ALPHA,
@@ -108,12 +125,26 @@ class MixtureOfExperts(torch.nn.Module):
         self.n_expert, self.top_k = n_expert, top_k
         self.alpha, self.limit = alpha, limit
         self.gather_max_pairs = GATHER_MAX_ELEMENTS // max(p.rows * p.cols for p in (gate, up, down))
+        self._route_counters: dict[torch.device, torch.Tensor] = {}  # the router kernel's tickets, per device
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen experts ``(N, top_k)`` and their weights ``(N, top_k)`` for tokens ``x (N, hidden)``."""
+        if use_kernels(x, self.router_weight) and _kernels().route_fits(x.shape[0], self.n_expert, self.top_k):
+            return _kernels().route(x, self.router_weight, self.router_bias, self.top_k,
+                                    self._counters(x.device))
         logits = F.linear(x.float(), self.router_weight, self.router_bias)
         top_logits, chosen = logits.topk(self.top_k, dim=-1)
         return chosen, torch.softmax(top_logits, dim=-1)
+
+    def _counters(self, device: torch.device) -> torch.Tensor:
+        """The router kernel's per-row tickets on ``device``, zeroed once and kept (each launch leaves them zeroed).
+        One made during a CUDA graph capture belongs to that graph's pool and is not kept."""
+        counters = self._route_counters.get(device)
+        if counters is None:
+            counters = _kernels().route_counters(device)
+            if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                self._route_counters[device] = counters
+        return counters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -125,13 +156,21 @@ class MixtureOfExperts(torch.nn.Module):
             outputs = self._pairs_gathered(x, flat)
         elif outputs is None:
             outputs = self._pairs_grouped(x, flat)
-        # The k rows of a token are weighed and summed in slot order: no scatter-add, so the result is deterministic
-        # on every device.
-        out = (outputs.view(-1, self.top_k, shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
-        return out.to(x.dtype).reshape(shape)
+        return self._weighted_sum(outputs, weights, x.dtype).reshape(shape)
 
-    def _expert_mlp(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return clamped_swiglu(gate.float(), up.float(), self.alpha, self.limit)
+    def _weighted_sum(self, outputs: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The k rows of a token weighed and summed in slot order: no scatter-add, so the result is deterministic on
+        every device. ``outputs (T*k, hidden)`` fp32, ``weights (T, k)`` → ``(T, hidden)`` in ``dtype``."""
+        if use_kernels(outputs, weights):
+            return _kernels().weighted_sum(outputs, weights, dtype)
+        out = (outputs.view(-1, self.top_k, outputs.shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
+        return out.to(dtype)
+
+    def _expert_mlp(self, gate: torch.Tensor, up: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The clamped SwiGLU in fp32, stored in ``dtype`` (the down projection's input dtype)."""
+        if gate.shape == up.shape and use_kernels(gate, up):
+            return _kernels().clamped_swiglu(gate, up, self.alpha, self.limit, dtype)
+        return clamped_swiglu(gate.float(), up.float(), self.alpha, self.limit).to(dtype)
 
     def _pairs_fused(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor | None:
         """Every pair through the formats' fused expert kernels; ``None`` if the gate's format has none here. A
@@ -142,7 +181,7 @@ class MixtureOfExperts(torch.nn.Module):
         up = self.up.fused(x, chosen)
         if up is None:
             up = self.up.gathered(x.repeat_interleave(self.top_k, dim=0), chosen.reshape(-1))
-        h = self._expert_mlp(gate, up).to(x.dtype)
+        h = self._expert_mlp(gate, up, x.dtype)
         flat = chosen.reshape(-1)
         down = self.down.fused(h, flat)
         return (down if down is not None else self.down.gathered(h, flat)).float()
@@ -150,8 +189,8 @@ class MixtureOfExperts(torch.nn.Module):
     def _pairs_gathered(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """Few pairs (decode): every pair's expert decoded at once, one batched matmul per projection."""
         xp = x.repeat_interleave(self.top_k, dim=0)
-        h = self._expert_mlp(self.gate.gathered(xp, flat), self.up.gathered(xp, flat))
-        return self.down.gathered(h.to(x.dtype), flat).float()
+        h = self._expert_mlp(self.gate.gathered(xp, flat), self.up.gathered(xp, flat), x.dtype)
+        return self.down.gathered(h, flat).float()
 
     def _pairs_grouped(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """Many pairs (prefill): sorted by expert, each expert decoded once and run over all its tokens."""
@@ -165,8 +204,8 @@ class MixtureOfExperts(torch.nn.Module):
             pairs = order[start:start + count]
             start += count
             xe = x.index_select(0, pairs // self.top_k)
-            h = self._expert_mlp(self.gate.experts[e](xe), self.up.experts[e](xe))
-            outputs.index_copy_(0, pairs, self.down.experts[e](h.to(x.dtype)).float())
+            h = self._expert_mlp(self.gate.experts[e](xe), self.up.experts[e](xe), x.dtype)
+            outputs.index_copy_(0, pairs, self.down.experts[e](h).float())
         return outputs
 
     def extra_repr(self) -> str:
