@@ -39,10 +39,11 @@ if HAS_TRITON and not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernel modules
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-from orcd.description import open_checked
 from orcd_gpt_adapter import moe as moe_module
 from orcd_gpt_adapter.gpt_oss import GptOss
 from orcd_gpt_adapter.moe import MixtureOfExperts, clamped_swiglu
+
+from orcd.description import open_checked
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (the kernels' development tests)")
 interpreter_only = pytest.mark.skipif(
@@ -90,8 +91,7 @@ def grid_values(shape: tuple[int, ...], denom: int, span: int, seed: int) -> tor
     return torch.randint(-span, span + 1, shape, generator=g).float() / denom
 
 
-def router(hidden: int, n_expert: int, seed: int, exact: bool, device: str
-           ) -> tuple[MixtureOfExperts, torch.Tensor, torch.Tensor]:
+def router(hidden: int, n_expert: int, seed: int, exact: bool, device: str) -> MixtureOfExperts:
     """A ``MixtureOfExperts`` whose router is ``(weight, bias)``; the experts are never run by ``route``."""
     if exact:  # products are multiples of 1/64, |sum| <= hidden * 1/4 + 1: all exact in fp32
         w, b = grid_values((n_expert, hidden), 8, 4, seed), grid_values((n_expert,), 64, 64, seed + 1)
@@ -103,7 +103,7 @@ def router(hidden: int, n_expert: int, seed: int, exact: bool, device: str
     moe.router_weight = torch.nn.Parameter(w.to(device), requires_grad=False)
     moe.router_bias = torch.nn.Parameter(b.to(device), requires_grad=False)
     moe.n_expert, moe.top_k, moe._route_counters = n_expert, TOP_K, {}
-    return moe, w.double(), b.double()
+    return moe
 
 
 def tokens(n: int, hidden: int, dtype: torch.dtype, seed: int, exact: bool, device: str) -> torch.Tensor:
@@ -142,7 +142,7 @@ def check_route(n: int, hidden: int, n_expert: int, dtype: torch.dtype, exact: b
     from orcd_gpt_adapter import moe_kernels
 
     assert moe_kernels.route_fits(n, n_expert, TOP_K)
-    moe, w, b = router(hidden, n_expert, seed=hidden + n_expert, exact=exact, device=device)
+    moe = router(hidden, n_expert, seed=hidden + n_expert, exact=exact, device=device)
     x = tokens(n, hidden, dtype, seed=n, exact=exact, device=device)
     if exact and n >= 3:
         make_ties(moe, x)
@@ -216,7 +216,7 @@ def test_route_interpreted(n: int, hidden: int, n_expert: int, dtype: torch.dtyp
 def test_route_ties_take_the_lower_index(kernels_off) -> None:
     """All logits equal: torch.topk returns some 4 of them (22, 21, 20, 23 on CPU today); the kernel returns 0..3,
     each weighted 1/4. Three equal logits for the last two places: the two lower indices."""
-    moe, _, _ = router(64, 32, seed=0, exact=True, device="cpu")
+    moe = router(64, 32, seed=0, exact=True, device="cpu")
     moe.router_weight.data.zero_()
     moe.router_bias.data.zero_()
     x = tokens(2, 64, torch.float32, seed=0, exact=True, device="cpu")
@@ -248,15 +248,11 @@ def tiny_moe(synth_model, plugins, device: str) -> MixtureOfExperts:
     return GptOss().build(model, config, torch.device(device), plugins).blocks[0].mlp
 
 
-@interpreter_only
-@pytest.mark.parametrize("n", [1, 3])
-def test_module_takes_the_kernels(n: int, synth_model, plugins, monkeypatch, kernels_off) -> None:
-    """The tiny model's MoE (1 token: gathered experts; 3 tokens: grouped) through the three kernels equals the
-    torch path to rounding, and each kernel ran."""
+def check_module(n: int, device: str, tol: float, synth_model, plugins, monkeypatch, kernels_off) -> None:
     from orcd_gpt_adapter import moe_kernels
 
-    moe = tiny_moe(synth_model, plugins, "cpu")
-    x = torch.randn(1, n, 256, generator=torch.Generator().manual_seed(n))
+    moe = tiny_moe(synth_model, plugins, device)
+    x = torch.randn(1, n, 256, generator=torch.Generator().manual_seed(n)).to(device)
     calls: list[str] = []
     for name in ("route", "clamped_swiglu", "weighted_sum"):
         fn = getattr(moe_kernels, name)
@@ -266,7 +262,15 @@ def test_module_takes_the_kernels(n: int, synth_model, plugins, monkeypatch, ker
         ref = moe(x)
     assert got.shape == ref.shape == (1, n, 256)
     assert set(calls) == {"route", "clamped_swiglu", "weighted_sum"}
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # the experts' fp32 matmuls and sums, last bits
+    assert rel_err(got, ref) <= tol
+
+
+@interpreter_only
+@pytest.mark.parametrize("n", [1, 3])
+def test_module_takes_the_kernels(n: int, synth_model, plugins, monkeypatch, kernels_off) -> None:
+    """The tiny model's MoE (1 token: gathered experts; 3 tokens: grouped) through the three kernels equals the
+    torch path to rounding (1e-5 of the largest value: the experts' fp32 matmuls and sums, last bits), and each kernel ran."""
+    check_module(n, "cpu", 1e-5, synth_model, plugins, monkeypatch, kernels_off)
 
 
 def test_torch_path_when_switched_off(synth_model, plugins, monkeypatch) -> None:
@@ -307,10 +311,19 @@ def test_weighted_sum_gpu(tokens_: int, width: int, dtype: torch.dtype) -> None:
 
 
 @gpu_test
+@pytest.mark.parametrize("n", [1, 3, 40])
+def test_module_takes_the_kernels_gpu(n: int, synth_model, plugins, monkeypatch, kernels_off) -> None:
+    """On CUDA the experts also go through the quant plugin's fused MXFP4 kernels, which ``ORCD_KERNELS=0``
+    switches off too: 1e-4 of the largest value (three chained projections, each fused against
+    dequantize-then-matmul within the quant kernels' 1e-5)."""
+    check_module(n, "cuda", 1e-4, synth_model, plugins, monkeypatch, kernels_off)
+
+
+@gpu_test
 def test_route_cuda_graph_replays_gpu(kernels_off) -> None:
     """The router captured in a CUDA graph and replayed 200 times on new tokens: every replay's choice and
     weights are right (a ticket counter left non-zero, or a logit read before it was stored, would show)."""
-    moe, _, _ = router(2880, 32, seed=0, exact=False, device="cuda")
+    moe = router(2880, 32, seed=0, exact=False, device="cuda")
     x = torch.randn(2, 2880, device="cuda")
     moe.route(x)  # compile, and make the counters, outside the capture
     torch.cuda.synchronize()

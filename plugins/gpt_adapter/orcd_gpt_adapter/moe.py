@@ -38,7 +38,8 @@ SWIGLU_LIMIT = 7.0  # llama.cpp's swiglu_oai and HF's swiglu_limit
 
 @functools.cache
 def _kernels() -> ModuleType:
-    from orcd_gpt_adapter import moe_kernels  # imports Triton: only once a kernel is due to run
+    # imports Triton: only once a kernel is due to run
+    from orcd_gpt_adapter import moe_kernels
 
     return moe_kernels
 
