@@ -126,26 +126,14 @@ class MixtureOfExperts(torch.nn.Module):
         self.n_expert, self.top_k = n_expert, top_k
         self.alpha, self.limit = alpha, limit
         self.gather_max_pairs = GATHER_MAX_ELEMENTS // max(p.rows * p.cols for p in (gate, up, down))
-        self._route_counters: dict[torch.device, torch.Tensor] = {}  # the router kernel's tickets, per device
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen experts ``(N, top_k)`` and their weights ``(N, top_k)`` for tokens ``x (N, hidden)``."""
         if use_kernels(x, self.router_weight) and _kernels().route_fits(x.shape[0], self.n_expert, self.top_k):
-            return _kernels().route(x, self.router_weight, self.router_bias, self.top_k,
-                                    self._counters(x.device))
+            return _kernels().route(x, self.router_weight, self.router_bias, self.top_k)
         logits = F.linear(x.float(), self.router_weight, self.router_bias)
         top_logits, chosen = logits.topk(self.top_k, dim=-1)
         return chosen, torch.softmax(top_logits, dim=-1)
-
-    def _counters(self, device: torch.device) -> torch.Tensor:
-        """The router kernel's per-row tickets on ``device``, zeroed once and kept (each launch leaves them zeroed).
-        One made during a CUDA graph capture belongs to that graph's pool and is not kept."""
-        counters = self._route_counters.get(device)
-        if counters is None:
-            counters = _kernels().route_counters(device)
-            if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-                self._route_counters[device] = counters
-        return counters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -3,16 +3,14 @@ clamped SwiGLU, and the weighted sum of each token's expert outputs.
 
 Batch-1 decode is bound by the number of kernels, not their work: the router alone is ~5 launches in torch (a
 cuBLAS GEMV and its bias, two for ``topk``, one softmax), the clamped SwiGLU ~7 elementwise ones, the weighted sum 2.
-Each is one launch here. The torch code in ``orcd_gpt_adapter.moe`` is the oracle and the fallback; this module
+Here the router is two launches and the others one each. The torch code in ``orcd_gpt_adapter.moe`` is the oracle and the fallback; this module
 imports Triton at import time, so ``moe`` imports it lazily. Math is fp32; nothing syncs with the host or allocates
 by value, so the launches can be captured in a CUDA graph.
 
-Router: one program per (token, expert), so a decode step's 32 dot products of 2880 read the router weight from
-many SMs at once (one program per token would stream the 368 KB from one SM). The last program of a row to finish
-(a ticket taken with an acq_rel atomic on a per-row counter) ranks the row's logits and writes the top-k and their
-softmax, then resets the counter to 0 for the next launch or graph replay. The counters belong to the caller (one
-buffer per ``MixtureOfExperts``, zeroed once), so two launches of one module must not run concurrently on two
-streams.
+Router: two launches. One program per (token, expert) computes a logit, so a decode step's 32 dot products of
+2880 read the router weight from many SMs at once (one program per token would stream the 368 KB from one SM);
+then one program per token ranks its row and writes the top-k and their softmax. (One launch would need the last
+program of a row to find itself through an atomic ticket: not worth that hand-off's risk for one launch.)
 
 Ties: ``torch.topk`` promises no order among equal values (on CPU, ``topk(4)`` of 32 zeros returns 22, 21, 20, 23).
 The kernel picks, among equal logits, the lower expert index first, which is deterministic and is what a stable
@@ -35,12 +33,11 @@ SUM_BLOCK = 1024
 
 
 @triton.jit
-def _route_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, count_ptr, chosen_ptr, weights_ptr, hidden, n_expert, stride_x,
-                  stride_w, HAS_BIAS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr):
+def _router_logits_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, hidden, n_expert, stride_x, stride_w,
+                          HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One logit per program: ``x[row] . w[expert] (+ bias)`` in fp32."""
     row = tl.program_id(0).to(tl.int64)
     expert = tl.program_id(1)
-    # 1. this program's logit: x[row] . w[expert] (+ bias), fp32
     acc = tl.zeros((BLOCK_H,), tl.float32)
     for start in range(0, hidden, BLOCK_H):
         cols = start + tl.arange(0, BLOCK_H)
@@ -52,33 +49,33 @@ def _route_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, count_ptr, chosen_ptr, weight
     if HAS_BIAS:
         logit += tl.load(b_ptr + expert).to(tl.float32)
     tl.store(logits_ptr + row * n_expert + expert, logit)
-    # 2. a ticket: all of this program's threads are done (barrier) before its one thread's acq_rel atomic publishes
-    # the store; the program that draws the last ticket sees every logit of the row
-    tl.debug_barrier()
-    ticket = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
-    if ticket == n_expert - 1:
-        offs = tl.arange(0, BLOCK_E)
-        valid = offs < n_expert
-        # .cg: read at L2, where the other programs' stores are, never a stale L1 line
-        vals = tl.load(logits_ptr + row * n_expert + offs, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        taken = offs >= n_expert  # padding lanes are never chosen
-        slots = tl.arange(0, BLOCK_K)
-        top_v = tl.full((BLOCK_K,), float("-inf"), tl.float32)
-        top_i = tl.zeros((BLOCK_K,), tl.int64)
-        for j in tl.static_range(TOP_K):
-            cand = tl.where(taken, float("-inf"), vals)
-            best = tl.max(cand, axis=0)
-            idx = tl.min(tl.where((cand == best) & (~taken), offs, BLOCK_E), axis=0)  # lowest index of the ties
-            taken = taken | (offs == idx)
-            top_v = tl.where(slots == j, best, top_v)
-            top_i = tl.where(slots == j, idx.to(tl.int64), top_i)
-        # softmax over the k chosen logits, as torch.softmax computes it: exp(v - max) / sum; slot 0 holds the max
-        in_k = slots < TOP_K
-        e = tl.where(in_k, tl.exp(top_v - tl.max(tl.where(in_k, top_v, float("-inf")), axis=0)), 0.0)
-        w = e / tl.sum(e, axis=0)
-        tl.store(chosen_ptr + row * TOP_K + slots, top_i, mask=in_k)
-        tl.store(weights_ptr + row * TOP_K + slots, w, mask=in_k)
-        tl.store(count_ptr + row, 0)  # ready for the next launch (graph replays included)
+
+
+@triton.jit
+def _router_top_k_kernel(logits_ptr, chosen_ptr, weights_ptr, n_expert, TOP_K: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per row: the ``TOP_K`` largest logits (equal logits: lower index first) and their softmax."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    valid = offs < n_expert
+    vals = tl.load(logits_ptr + row * n_expert + offs, mask=valid, other=float("-inf"))
+    taken = offs >= n_expert  # padding lanes are never chosen
+    slots = tl.arange(0, BLOCK_K)
+    top_v = tl.full((BLOCK_K,), float("-inf"), tl.float32)
+    top_i = tl.zeros((BLOCK_K,), tl.int64)
+    for j in tl.static_range(TOP_K):
+        cand = tl.where(taken, float("-inf"), vals)
+        best = tl.max(cand, axis=0)
+        idx = tl.min(tl.where((cand == best) & (~taken), offs, BLOCK_E), axis=0)  # lowest index of the ties
+        taken = taken | (offs == idx)
+        top_v = tl.where(slots == j, best, top_v)
+        top_i = tl.where(slots == j, idx.to(tl.int64), top_i)
+    # softmax over the k chosen logits, as torch.softmax computes it: exp(v - max) / sum; slot 0 holds the max
+    in_k = slots < TOP_K
+    e = tl.where(in_k, tl.exp(top_v - tl.max(tl.where(in_k, top_v, float("-inf")), axis=0)), 0.0)
+    w = e / tl.sum(e, axis=0)
+    tl.store(chosen_ptr + row * TOP_K + slots, top_i, mask=in_k)
+    tl.store(weights_ptr + row * TOP_K + slots, w, mask=in_k)
 
 
 @triton.jit
@@ -120,16 +117,11 @@ def route_fits(rows: int, n_expert: int, top_k: int) -> bool:
     return 0 < rows <= ROUTE_MAX_ROWS and 0 < top_k <= n_expert <= ROUTE_MAX_EXPERTS
 
 
-def route_counters(device: torch.device) -> torch.Tensor:
-    """A zeroed ticket counter per row for ``route`` (each launch leaves it zeroed again)."""
-    return torch.zeros(ROUTE_MAX_ROWS, dtype=torch.int32, device=device)
-
-
-def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int, counters: torch.Tensor
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen experts (int64) and their softmax weights (fp32), ``(N, top_k)`` each, for ``x (N, hidden)``: the
     top-k of ``x @ weight.T + bias`` in fp32, highest first (equal logits: lower index first). ``weight (n_expert,
-    hidden)`` and ``bias`` are contiguous fp32; ``counters`` is from ``route_counters`` (``N <= ROUTE_MAX_ROWS``)."""
+    hidden)`` and ``bias`` are contiguous fp32; ``N <= ROUTE_MAX_ROWS``."""
     n_expert, hidden = weight.shape
     x2 = _rows(x)
     n = x2.shape[0]
@@ -138,11 +130,13 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_
     weights = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
     if n:
         block_h = min(triton.next_power_of_2(hidden), ROUTE_BLOCK_H)
-        _route_kernel[(n, n_expert)](
-            x2, weight, bias if bias is not None else weight, logits, counters, chosen, weights, hidden, n_expert,
-            x2.stride(0), weight.stride(0), HAS_BIAS=bias is not None, TOP_K=top_k,
-            BLOCK_K=triton.next_power_of_2(top_k), BLOCK_H=block_h, BLOCK_E=triton.next_power_of_2(n_expert),
+        _router_logits_kernel[(n, n_expert)](
+            x2, weight, bias if bias is not None else weight, logits, hidden, n_expert, x2.stride(0),
+            weight.stride(0), HAS_BIAS=bias is not None, BLOCK_H=block_h,
             num_warps=8 if block_h >= 2048 else 4)  # 16 values a thread: more loads in flight on each SM
+        _router_top_k_kernel[(n,)](logits, chosen, weights, n_expert, TOP_K=top_k,
+                                   BLOCK_K=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(n_expert),
+                                   num_warps=1)
     return chosen, weights
 
 
