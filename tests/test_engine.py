@@ -370,3 +370,29 @@ def test_a_request_failing_at_admission_gives_its_cache_slot_back(synth_model) -
     assert [e.reason for e in out["bad"]] == ["INVALID_REQUEST"]
     assert isinstance(out["good"][-1], FinishEvent) and out["good"][-1].reason == "max_tokens"
     assert engine.cache.blocks.available == engine.cache.n_blocks
+
+
+def test_warm_up_runs_every_batch_bucket_and_leaves_no_trace(synth_model):
+    """``warm_up`` (what the server runs before serving on a GPU) prefills a full chunk and decodes at every batch
+    bucket, reports nothing to the metrics hooks, restarts the prefix-cache statistics, and leaves the engine
+    producing exactly what a fresh engine produces."""
+    pm = make_plugin_manager("quant_formats", "llama_adapter")
+    recorder = Recorder()
+    pm.register(recorder, name="recorder")
+    loaded = load_model(synth_model("qwen2", "F32"), "cpu", pm)
+    warm = Engine(loaded, pm, max_batch=4, n_ctx=96, static_shapes=True)
+    seconds = warm.warm_up()
+    assert seconds > 0 and not warm.has_work() and not recorder.events
+    assert warm.prefix_cache_stats == (0, 0)
+    assert warm.static is not None and warm.static.buckets == [1, 2, 4]
+    reqs = [request(f"r{i}", prompt(loaded, i, 20 + i), 6, stop_token_ids=set()) for i in range(3)]
+    fresh = Engine(loaded, pm, max_batch=4, n_ctx=96, static_shapes=True)
+    assert {k: tokens(v) for k, v in run(warm, *reqs).items()} == {k: tokens(v) for k, v in run(fresh, *reqs).items()}
+    assert [k for k, _ in recorder.events].count("started") == 6  # the real requests, from both engines
+
+
+def test_warm_up_needs_an_idle_engine(qwen, plugins):
+    engine = Engine(qwen, plugins, n_ctx=64)
+    engine.add_request(request("busy", [10, 11, 12], 2))
+    with pytest.raises(RuntimeError, match="idle"):
+        engine.warm_up()

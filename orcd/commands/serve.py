@@ -59,8 +59,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="jobs decoded at once (default: 8 on a GPU, 4 on the CPU); more wait in the queue")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="do not reuse the KV cache of prompt prefixes shared between jobs")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the decode step from CUDA graphs (GPU only; less launch overhead, more memory)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="decode eagerly instead of replaying the decode step from CUDA graphs (GPU only)")
+    p.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", help=argparse.SUPPRESS)  # the default
+    p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                   help="skip compiling the kernels and capturing the decode graphs before serving (GPU only); "
+                        "the first requests then wait for them")
     p.add_argument("--max-queue", type=int, default=16, help="jobs that may wait for the engine (default 16)")
     p.add_argument("--residency-check-sec", type=float, default=60.0,
                    help="how often to check the weights are still on the device (default 60; 0: never)")
@@ -301,6 +305,7 @@ def load_worker(args: argparse.Namespace, settings: dict[str, Any], plugins: Any
         kv_cache_tokens=pool_tokens,
         prefix_cache=not args.no_prefix_cache,
         cuda_graphs=args.cuda_graphs,
+        warm_up=args.warm_up,
         max_tokens_out=args.max_tokens_out,
         inference_timeout_s=args.inference_timeout_sec,
         n_ctx=n_ctx,

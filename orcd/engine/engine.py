@@ -177,6 +177,7 @@ class Engine:
         self._active: list[Sequence] = []
         self._cancel: set[str] = set()
         self._next_seq_id = 0
+        self._silent = False  # warm_up: no metrics hooks
 
     # --- public API ----------------------------------------------------------------------------------------------
     def add_request(self, req: GenerationRequest) -> None:
@@ -242,6 +243,37 @@ class Engine:
                 return events
             self._sample_all(seqs, logits, events)
         return events
+
+    def warm_up(self, prompt_tokens: int = PREFILL_CHUNK + 1) -> float:
+        """Run the work a first request would otherwise wait for: kernels compile (Triton compiles each variant
+        on first use, seconds each) and each batch bucket's decode step is captured. One request with a prompt
+        of a full prefill chunk, then, per batch bucket, that many short requests decoding together; their
+        tokens are arbitrary, nothing is reported to the metrics hooks, and the prefix cache statistics start
+        again. Returns the seconds spent. Call it before serving (the engine must be idle)."""
+        if self.has_work():
+            raise RuntimeError("warm_up needs an idle engine")
+        started = time.perf_counter()
+        buckets = self.static.buckets if self.static is not None else [1]
+        sizes = sorted({min(size, self.max_batch) for size in buckets})
+        room = (self.cache.n_blocks - 1) * self.cache.block_size  # one request alone always fits
+        longest = max(2, min(prompt_tokens, self.n_ctx - 3, room - 3))
+        self._silent = True
+        try:
+            for size in sizes:
+                n = longest if size == 1 else min(24, longest)
+                for i in range(size):
+                    ids = [(17 * i + 31 * j + 1) % self.vocab_size for j in range(n)]
+                    self.add_request(GenerationRequest(request_id=f"warm-up-{size}-{i}", prompt_ids=ids,
+                                                       max_tokens=3, sampling=SamplingParams(temperature=0.0),
+                                                       stop_token_ids=set()))
+                while self.has_work():
+                    for event in self.step():
+                        if isinstance(event, FinishEvent) and event.error is not None:
+                            raise event.error
+        finally:
+            self._silent = False
+            self.cache.blocks.hit_tokens = self.cache.blocks.lookup_tokens = 0
+        return time.perf_counter() - started
 
     def generate(self, req: GenerationRequest) -> Iterator[Event]:
         """Run one request to its end, yielding its events (other requests' events are dropped)."""
@@ -446,6 +478,8 @@ class Engine:
     def _hook(self, name: str, event: object) -> None:
         """Call every plugin's implementation on its own: one that raises is logged and the others still run
         (a single pluggy call would stop at the first exception)."""
+        if self._silent:
+            return
         for impl in getattr(self.plugins.hook, name).get_hookimpls():
             try:
                 impl.function(event=event)

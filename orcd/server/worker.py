@@ -67,7 +67,8 @@ class WorkerConfig:
     max_batch: int = 1  # jobs the engine decodes at once
     kv_cache_tokens: int | None = None  # KV cache pool in positions, shared by the running jobs (None: n_ctx)
     prefix_cache: bool = True  # jobs sharing a prompt prefix reuse its KV cache blocks
-    cuda_graphs: bool = False  # replay the decode step from CUDA graphs (CUDA devices only)
+    cuda_graphs: bool = True  # replay the decode step from CUDA graphs (CUDA devices only)
+    warm_up: bool = True  # compile kernels and capture graphs before serving (CUDA devices only)
     max_tokens_out: int = 2048
     inference_timeout_s: float = 300.0
     n_ctx: int | None = None  # serving context length (None: the model's)
@@ -215,6 +216,9 @@ class Worker:
         engine = Engine(loaded, plugins, max_batch=config.max_batch, n_ctx=n_ctx,
                         kv_cache_tokens=config.kv_cache_tokens or n_ctx, prefix_cache=config.prefix_cache,
                         cuda_graphs=config.cuda_graphs)
+        if config.warm_up and engine.device.type == "cuda":
+            log.info("warming up: compiling kernels, capturing the decode step of up to %d jobs", config.max_batch)
+            log.info("warmed up in %.1f s", engine.warm_up())
         return cls(loaded, engine, plugins, device, config)
 
     # --- life cycle ------------------------------------------------------------------------------------------------
