@@ -88,10 +88,10 @@ def profile_decode(path: str, device: str, prompt_tokens: int, steps: int, strea
 
 
 def format_profile(p: StepProfile, path: str, top: int = 25) -> str:
+    host_only = max(0.0, p.wall_us - p.device_us)
     rows = [f"model {path}: {p.steps} decode steps of {p.streams} stream(s)",
-            f"wall {p.wall_us:.0f} us/step ({p.streams * 1e6 / p.wall_us:.0f} tok/s); device busy {p.device_us:.0f} "
-            f"us/step ({100 * p.device_us / p.wall_us:.0f}%); host-only time {max(0.0, p.wall_us - p.device_us):.0f}"
-            " us/step",
+            (f"wall {p.wall_us:.0f} us/step ({p.streams * 1e6 / p.wall_us:.0f} tok/s); device busy {p.device_us:.0f} "
+             f"us/step ({100 * p.device_us / p.wall_us:.0f}%); host-only time {host_only:.0f} us/step"),
             f"{'us/step':>9} {'share':>6} {'calls/step':>10}  kernel"]
     for k in p.kernels[:top]:
         share = 100 * k.us_per_step / p.device_us if p.device_us else 0.0
