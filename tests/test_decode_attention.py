@@ -23,9 +23,6 @@ Triton's interpreter (``TRITON_INTERPRET=1`` set before they are imported); test
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
@@ -33,22 +30,7 @@ from orcd.engine.kv_cache import PagedKVCache
 from orcd.nn.attention import SelfAttention, attention
 from orcd.nn.batch import ForwardBatch
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON and not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernel modules
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (the kernels' development tests)")
-interpreter_only = pytest.mark.skipif(
-    not (HAS_TRITON and INTERPRETED), reason="interpreter tests: CPU machines, or TRITON_INTERPRET=1")
-
-
-def gpu_test(fn):
-    """Compiled kernels on CUDA: ``gpu``-marked, and skipped without Triton or under the interpreter."""
-    for mark in (pytest.mark.gpu, needs_triton, pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1 is set")):
-        fn = mark(fn)
-    return fn
+from kernel_support import gpu_test, interpreter_only  # sets TRITON_INTERPRET before a kernel module loads
 
 
 @pytest.fixture(autouse=True)

@@ -18,8 +18,6 @@ oracle is orcd's reference path in float64 (``orcd.quant.reference_linear``), it
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import secrets
 
 import gguf
@@ -30,22 +28,7 @@ import torch
 from conftest import make_plugin_manager
 from orcd.quant import QuantFormat, QuantizedLinear, QuantizedTensor, reference_linear
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON and not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernel modules
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (the kernels' development tests)")
-interpreter_only = pytest.mark.skipif(
-    not (HAS_TRITON and INTERPRETED), reason="interpreter tests: CPU machines, or TRITON_INTERPRET=1")
-
-
-def gpu_test(fn):
-    """Compiled kernels on CUDA: ``gpu``-marked, and skipped without Triton or under the interpreter."""
-    for mark in (pytest.mark.gpu, needs_triton, pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1 is set")):
-        fn = mark(fn)
-    return fn
+from kernel_support import INTERPRETED, gpu_test, interpreter_only, needs_triton  # sets TRITON_INTERPRET before a kernel module loads
 
 KERNEL_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -190,6 +173,7 @@ def test_expert_block_table(bm: int) -> None:
 
 # --- CUDA -----------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def kernels_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ORCD_KERNELS", raising=False)
@@ -320,8 +304,6 @@ def test_cuda_switch_and_graph_capture(formats: dict[str, QuantFormat], monkeypa
     w = experts.dequantize().double()
     ref = torch.stack([w[e] @ x[p // 2].double() for p, e in enumerate(ids.reshape(-1).tolist())])
     assert relative_error(e_static, ref) < TOLERANCE[torch.float32], f"seed {seed}"
-
-
 
 
 @needs_triton

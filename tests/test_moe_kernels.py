@@ -25,36 +25,18 @@ kernels on CUDA, including the router captured in a CUDA graph and replayed many
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON and not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernel modules
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from kernel_support import gpu_test, interpreter_only  # sets TRITON_INTERPRET before a kernel module loads
 
 from orcd_gpt_adapter import moe as moe_module
 from orcd_gpt_adapter.gpt_oss import GptOss
 from orcd_gpt_adapter.moe import MixtureOfExperts, clamped_swiglu
 
 from orcd.description import open_checked
-
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (the kernels' development tests)")
-interpreter_only = pytest.mark.skipif(
-    not (HAS_TRITON and INTERPRETED), reason="interpreter tests: CPU machines, or TRITON_INTERPRET=1")
-
-
-def gpu_test(fn):
-    """Compiled kernels on CUDA: ``gpu``-marked, and skipped without Triton or under the interpreter."""
-    for mark in (pytest.mark.gpu, needs_triton, pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1 is set"),
-                 pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")):
-        fn = mark(fn)
-    return fn
 
 
 @pytest.fixture(autouse=True)

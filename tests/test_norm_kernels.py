@@ -14,33 +14,15 @@ kernels on CUDA over the same shapes plus the model widths.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON and not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernel modules
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from kernel_support import gpu_test, interpreter_only  # sets TRITON_INTERPRET before a kernel module loads
 
 from orcd.nn import RMSNorm
 from orcd.nn import mlp as mlp_module
 from orcd.nn import norm as norm_module
-
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (the kernels' development tests)")
-interpreter_only = pytest.mark.skipif(
-    not (HAS_TRITON and INTERPRETED), reason="interpreter tests: CPU machines, or TRITON_INTERPRET=1")
-
-
-def gpu_test(fn):
-    """Compiled kernels on CUDA: ``gpu``-marked, and skipped without Triton or under the interpreter."""
-    for mark in (pytest.mark.gpu, needs_triton, pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1 is set")):
-        fn = mark(fn)
-    return fn
 
 
 @pytest.fixture(autouse=True)
