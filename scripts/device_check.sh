@@ -45,7 +45,7 @@ for step in "$@"; do
       python3 -c 'import llama_cpp; print("llama_cpp", llama_cpp.__version__)' ;;
     bench-*)  # bench-ARCH:PRESET:TYPE (after synth-...); BENCH_ARGS adds e.g. --streams 1,8,32 --peer llama.cpp
       IFS=: read -r arch preset ftype <<< "${step#bench-}"
-      python3 -m orcd.cli bench model --model "$models/$arch-$preset-$ftype.gguf" --device cuda \
+      timeout "${STEP_TIMEOUT:-540}" python3 -m orcd.cli bench model --model "$models/$arch-$preset-$ftype.gguf" --device cuda \
         --prompt-tokens "${PROMPT_TOKENS:-512}" --decode-tokens "${DECODE_TOKENS:-128}" ${BENCH_ARGS:---peer none} \
         2>&1 | tee "$OUT/bench-$arch-$preset.txt" | tail -n 12 ;;
     *) eval "$step" ;;
