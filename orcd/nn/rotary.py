@@ -25,6 +25,7 @@ from orcd.nn.triton_support import use_kernels
 # Activation dtypes the fused rotary kernel takes (its math is fp32 whatever the input).
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+
 @dataclass(frozen=True)
 class RopeScaling:
     """How the frequencies are stretched for a longer context. ``kind`` is ``none``, ``linear`` or ``yarn``;
