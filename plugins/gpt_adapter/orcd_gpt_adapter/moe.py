@@ -14,9 +14,9 @@ chosen expert's blocks are read once per group and decoded in registers, and the
 of any batch size can be captured in a CUDA graph. The two paths above stay as the fallback and the oracle.
 
 Where the core's kernels apply (``orcd.nn.triton_support.use_kernels``: CUDA, Triton, ``ORCD_KERNELS`` not ``0``),
-the router of a decode batch (logits, top-k, softmax), the clamped SwiGLU and the weighted sum of the k expert
-outputs are one Triton kernel each (``orcd_gpt_adapter.moe_kernels``) instead of ~14 small torch kernels; the torch
-code is the fallback and the oracle. The router kernel breaks ties between equal logits towards the lower expert
+the router of a decode batch (logits, then top-k and softmax) is two Triton kernels, the clamped SwiGLU and the
+weighted sum of the k expert outputs one each (``orcd_gpt_adapter.moe_kernels``), instead of ~14 small torch
+kernels; the torch code is the fallback and the oracle. The router kernel breaks ties between equal logits towards the lower expert
 index, where ``torch.topk`` promises no order.
 """
 
