@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the GPU machine (the device tool), from the repository root, with .whl/ carried along (made here by
 # ../shared/device/wheels.sh). It installs what the machine's image lacks, then runs the GPU tests and the
-# benchmarks named on the command line:  scripts/device_check.sh tests bench-dequant bench-qwen ...
+# benchmarks named on the command line:  scripts/device_check.sh tests-fast synth-... bench-... (see docs/benchmarking.md)
 # Output: a short summary on stdout; full logs under $OUT (when set).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -28,6 +28,12 @@ for step in "$@"; do
     tests)
       python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests > "$OUT/gpu-tests.log" 2>&1
       tail -n 25 "$OUT/gpu-tests.log" ;;
+    tests-fast)  # the model-level GPU tests and the kernels that have not run on a GPU yet, bounded in time
+      timeout "${STEP_TIMEOUT:-420}" python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_moe_kernels.py \
+        tests/test_cuda_graphs.py tests/test_gpt_oss_gpu.py tests/test_device.py tests/test_engine.py tests/test_fusion.py \
+        tests/test_server_gpu.py "tests/test_kernels.py::test_fitted_dot_launches_compile_within_h100_shared_memory" \
+        > "$OUT/gpu-tests-fast.log" 2>&1
+      tail -n 25 "$OUT/gpu-tests-fast.log" ;;
     bench-dequant)
       python3 -m orcd.bench.dequant --device cuda --no-gguf 2>&1 | tee "$OUT/bench-dequant.txt" ;;
     synth-*)  # synth-ARCH:PRESET:TYPE
