@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +44,77 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+class _PackedArray:
+    """A metadata array read in one pass (see ``_HeaderReader``): numbers as one numpy view, strings as the offsets
+    of their bytes (decoded when the metadata is read, so a bad UTF-8 string is reported under its key)."""
+
+    def __init__(self, numbers: np.ndarray | None = None, data: np.ndarray | None = None,
+                 spans: list[tuple[int, int]] | None = None) -> None:
+        self.numbers, self.data, self.spans = numbers, data, spans
+
+    def values(self) -> list[Any]:
+        if self.numbers is not None:
+            return self.numbers.tolist()
+        assert self.data is not None and self.spans is not None
+        raw = self.data
+        return [str(raw[a:b].tobytes(), encoding="utf-8") for a, b in self.spans]
+
+
 class _HeaderReader(gguf.GGUFReader):
-    """The gguf reader, stopped before it maps tensor data: ``ModelFile`` builds and bounds-checks that itself."""
+    """The gguf reader, stopped before it maps tensor data: ``ModelFile`` builds and bounds-checks that itself.
+
+    Metadata arrays of numbers or strings are read in one pass instead of one numpy view per element, which on a
+    201k-token vocabulary with 446k merges (GPT-OSS) takes the header from ~16 s to well under one. Nested arrays,
+    and files of the other byte order, take the reader's own walk."""
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:  # noqa: D401 - overrides the reader's
         self.tensor_fields = fields
         self.tensors = []
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[Any], list[int], list[Any]]:
+        T = gguf.GGUFValueType
+        if raw_type != T.ARRAY or self.byte_order != "I" or sys.byteorder != "little":
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        length = self._get(orig_offs + 4, np.uint64)
+        if len(raw_itype) != 1 or len(length) != 1:
+            raise ValueError(f"array header at offset {orig_offs} runs past the end of the file")
+        n, offs = int(length[0]), orig_offs + 12
+        try:
+            item = T(int(raw_itype[0]))
+        except ValueError:
+            return super()._get_field_parts(orig_offs, raw_type)  # the reader's own error for an unknown type
+        np_type = self.gguf_scalar_to_np.get(item)
+        if np_type is not None:
+            if n * np.dtype(np_type).itemsize > len(self.data) - offs:
+                raise ValueError(f"array of {n} {item.name} at offset {orig_offs} runs past the end of the file")
+            numbers = self._get(offs, np_type, n)
+            return 12 + int(numbers.nbytes), [raw_itype, length, _PackedArray(numbers=numbers)], [2], [T.ARRAY, item]
+        if item != T.STRING:
+            return super()._get_field_parts(orig_offs, raw_type)
+        spans, end = _string_spans(self.data, offs, n)
+        packed = _PackedArray(data=self.data, spans=spans)
+        return end - orig_offs, [raw_itype, length, packed], [2], [T.ARRAY, item]
+
+
+def _string_spans(data: np.ndarray, offs: int, n: int) -> tuple[list[tuple[int, int]], int]:
+    """Byte ranges of ``n`` length-prefixed (uint64, little-endian) strings starting at ``offs``, and where they end;
+    ``ValueError`` where one runs past the end of ``data``."""
+    size = len(data)
+    if n > (size - offs) // 8:
+        raise ValueError(f"array of {n} strings at offset {offs} cannot fit in the {size - offs} bytes left")
+    raw = memoryview(data)
+    unpack = struct.Struct("<Q").unpack_from
+    spans = []
+    for _ in range(n):
+        if offs + 8 > size:
+            raise ValueError(f"string length at offset {offs} runs past the end of the file")
+        (length,) = unpack(raw, offs)
+        start, offs = offs + 8, offs + 8 + length
+        if offs > size:
+            raise ValueError(f"string of {length} bytes at offset {start} runs past the end of the file")
+        spans.append((start, offs))
+    return spans, offs
 
 
 class ModelFile:
@@ -99,7 +166,8 @@ class ModelFile:
                 if key.startswith("GGUF."):
                     continue
                 try:
-                    meta[key] = field.contents()
+                    packed = field.parts[-1] if field.parts else None
+                    meta[key] = packed.values() if isinstance(packed, _PackedArray) else field.contents()
                 except Exception as e:
                     raise ModelFileError(f"{self.path}: metadata key {key!r} cannot be decoded ({e})") from None
             self._metadata = meta

@@ -194,3 +194,58 @@ def test_inspect_cli_bad_file_is_one_line_error(tmp_path: Path, capsys: pytest.C
 
 def test_every_bad_input_is_one_exception_family() -> None:
     assert issubclass(ModelFileError, OrcdError) and issubclass(QuantError, OrcdError)
+
+
+def _vocab_file(path: Path, n_tokens: int, n_merges: int) -> Path:
+    """A header with vocabulary arrays the size of a real tokenizer's (GPT-OSS: 201,088 tokens, 446,189 merges)."""
+    w = gguf.GGUFWriter(path, "qwen2")
+    w.add_token_list([f"tok{i}_" + "é" * (i % 3) for i in range(n_tokens)])
+    w.add_token_scores([i / n_tokens for i in range(n_tokens)])
+    w.add_token_types([1 + i % 3 for i in range(n_tokens)])
+    w.add_token_merges([f"a{i} b{i}" for i in range(n_merges)])
+    w.add_array("test.bools", [True, False, True])
+    w.add_array("test.empty", [])
+    w.add_tensor("w", np.zeros((4, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_metadata_arrays_equal_the_gguf_readers(tmp_path: Path, synth_model) -> None:
+    """The one-pass array reading gives, for every key, what gguf's own reader gives (field.contents())."""
+    paths = [_vocab_file(tmp_path / "vocab.gguf", 20_000, 30_000), synth_model("qwen2", "Q4_K_M"),
+             synth_model("phi3", "Q4_K_M"), synth_model("gpt-oss", "MXFP4")]
+    for path in paths:
+        ours = ModelFile.open(path).metadata
+        reference = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+        assert ours.keys() == reference.keys(), path
+        for key, value in reference.items():
+            assert ours[key] == value and type(ours[key]) is type(value), (path, key)
+
+
+def test_truncated_vocabulary_array(tmp_path: Path) -> None:
+    """A header cut inside the token strings, and one whose string count is absurd: the header error, not a hang."""
+    data = _vocab_file(tmp_path / "vocab.gguf", 2_000, 0).read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:20_000])  # past the count check (8 bytes a string), inside the strings
+    with pytest.raises(ModelFileError, match=r"header is truncated or corrupt.*past the end of the file"):
+        ModelFile.open(cut)
+    at = data.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens") + 4 + 4  # value type, item type
+    raw = bytearray(data)
+    raw[at : at + 8] = np.array([2**61], dtype=np.uint64).tobytes()
+    hostile = tmp_path / "hostile.gguf"
+    hostile.write_bytes(bytes(raw))
+    with pytest.raises(ModelFileError, match=r"header is truncated or corrupt.*cannot fit"):
+        ModelFile.open(hostile)
+
+
+def test_bad_utf8_token_is_named_by_its_key(tmp_path: Path) -> None:
+    data = bytearray(_vocab_file(tmp_path / "vocab.gguf", 100, 0).read_bytes())
+    at = data.index(b"tok50_")
+    data[at : at + 2] = b"\xff\xfe"
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=r"metadata key 'tokenizer.ggml.tokens' cannot be decoded"):
+        ModelFile.open(bad).metadata
