@@ -165,15 +165,23 @@ class PagedKVCache:
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        write, read = self._rows(batch)
-        b, h, t, d = k.shape
-        kc, vc = self.k[layer], self.v[layer]
-        kc.index_copy_(0, write, k.transpose(1, 2).reshape(b * t, h, d).to(self.dtype))
-        vc.index_copy_(0, write, v.transpose(1, 2).reshape(b * t, h, d).to(self.dtype))
+        _, read = self._rows(batch)
+        b, h, _, d = k.shape
+        kc, vc = self._write(layer, k, v, batch)
         length = batch.kv_length
         keys = kc.index_select(0, read).view(b, length, h, d).transpose(1, 2)
         values = vc.index_select(0, read).view(b, length, h, d).transpose(1, 2)
         return keys, values
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` ``(B, H_kv, T, D)`` at the batch's positions; returns the layer's pools."""
+        write, _ = self._rows(batch)
+        b, h, t, d = k.shape
+        kc, vc = self.k[layer], self.v[layer]
+        kc.index_copy_(0, write, k.transpose(1, 2).reshape(b * t, h, d).to(self.dtype))
+        vc.index_copy_(0, write, v.transpose(1, 2).reshape(b * t, h, d).to(self.dtype))
+        return kc, vc
 
     def decode_attention(
         self,
@@ -200,6 +208,32 @@ class PagedKVCache:
         tables = self._tables(batch)
         return decode_attention(q, k, v, kc, vc, tables, batch.positions, self.block_size, batch.kv_length, scale,
                                 window, sinks)
+
+    def prefill_attention(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+        window: int | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """A prefill chunk (``T > 1`` tokens per sequence) of a layer: store ``k``/``v`` ``(B, H_kv, T, D)`` like
+        ``update`` and return ``attention``'s ``(B, H_q, T, D)`` from a Triton kernel that reads the blocks in place
+        (``orcd.nn.prefill_attention``): no gathered read window, no ``(T, S)`` scores. ``None`` where the kernel
+        does not apply (one token, no Triton, not on CUDA, kernels off); the cache is then untouched and the caller
+        takes ``update`` and ``attention``, which stay the oracle."""
+        kc, vc = self.k[layer], self.v[layer]
+        if q.shape[2] < 2 or not use_kernels(q, k, v, kc, batch.positions):
+            return None
+        # needs Triton: imported only when it runs
+        from orcd.nn.prefill_attention import prefill_attention
+
+        self._write(layer, k, v, batch)
+        return prefill_attention(q, kc, vc, self._tables(batch), batch.positions, self.block_size, scale, window,
+                                 sinks)
 
     def _tables(self, batch: ForwardBatch) -> torch.Tensor:
         """The batch's block tables (built from the manager when the batch has none), checked to cover the read."""

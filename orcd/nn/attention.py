@@ -149,6 +149,9 @@ class SelfAttention(torch.nn.Module):
         q, k = self.rotary.apply_qk(q, k, cos, sin)
         window = self.sliding_window
         out = self._fused_decode(q, k, v, batch)
+        prefill = getattr(batch.cache, "prefill_attention", None)
+        if out is None and t > 1 and prefill is not None:  # a chunk over a paged cache, read in place
+            out = prefill(self.layer, q, k, v, batch, self.scale, window, self.sinks)
         if out is None:
             if batch.cache is not None:
                 k, v = batch.cache.update(self.layer, k, v, batch)
