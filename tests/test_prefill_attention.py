@@ -127,9 +127,10 @@ def test_kernel_equals_update_then_attention(shape, t, window, sinks, monkeypatc
 @interpreter_only
 @pytest.mark.parametrize("sinks", [False, True])
 @pytest.mark.parametrize("window", [None, 5])
-def test_half_cache_dots_on_tensor_core_precision(window, sinks, monkeypatch):
+@pytest.mark.parametrize("shape", [(14, 2, 64), (4, 1, 128)])
+def test_half_cache_dots_on_tensor_core_precision(shape, window, sinks, monkeypatch):
     """A float16 pool, as on CUDA: q and probabilities rounded to fp16 for the dots (the default blocks)."""
-    check("cpu", (14, 2, 64), 33, window, sinks, torch.float16, 3e-3, monkeypatch)
+    check("cpu", shape, 33, window, sinks, torch.float16, 3e-3, monkeypatch)
 
 
 @interpreter_only
@@ -252,3 +253,27 @@ def test_a_late_chunk_does_not_allocate_the_score_matrix_on_cuda():
     peak = torch.cuda.max_memory_allocated() - base
     assert out is not None and torch.isfinite(out).all()
     assert peak < 64 * 2**20, peak  # output 8 MB, index rows ~0.3 MB, the k/v casts ~1 MB
+
+
+@gpu_test
+def test_a_chunk_captures_in_a_cuda_graph():
+    """The launch makes no host sync: captured once, replayed after new positions are written into the same tensor
+    (both chunks 3 positions earlier), it equals an eager run."""
+    cache, chunk = make_chunk(64, 8, 64, 33, "cuda", torch.float16, starts=[5, 37])
+
+    def run() -> torch.Tensor:  # a new batch per forward, as the engine's graphs build one inside the capture
+        return cache.prefill_attention(0, chunk["q"], chunk["k"], chunk["v"], batch_of(cache, chunk),
+                                       chunk["scale"], 5, chunk["sinks"])
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    chunk["positions"].sub_(3)
+    graph.replay()
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, run())

@@ -12,7 +12,8 @@ holds a list of blocks (its block table, kept by ``BlockManager``); position ``p
 ``table[p // block_size] * block_size + p % block_size``. Blocks are taken as sequences grow and shared between
 sequences with a common prompt prefix. Attention reads each sequence's rows gathered into ``(B, H_kv, kv_length,
 D)``: index arithmetic on device tensors only, so the decode step can be captured in a CUDA graph. A one-token
-step may instead store and attend in one Triton kernel (``decode_attention``) that reads the blocks in place.
+step may instead store and attend in one Triton kernel (``decode_attention``) that reads the blocks in place;
+a prefill chunk stores, then attends in place through another (``prefill_attention``): no gathered window.
 """
 
 from __future__ import annotations
