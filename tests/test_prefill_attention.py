@@ -125,6 +125,13 @@ def test_kernel_equals_update_then_attention(shape, t, window, sinks, monkeypatc
 
 
 @interpreter_only
+@pytest.mark.parametrize("t", [5, 33])
+def test_a_window_wider_than_a_key_block(t, monkeypatch):
+    """Window 40 with blocks of 16: key blocks every query sees (the unmasked loop) between masked ones."""
+    check("cpu", (14, 2, 64), t, 40, True, torch.float32, 1e-5, monkeypatch, block_m=16, block_n=16)
+
+
+@interpreter_only
 @pytest.mark.parametrize("sinks", [False, True])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("shape", [(14, 2, 64), (4, 1, 128)])

@@ -13,8 +13,9 @@ size works), keeping an online softmax in float32 (running max, denominator, wei
   does), so every program reads them from the pool like any other key.
 - Query ``i`` of sequence ``b`` sits at ``positions[b, i]`` and sees key ``j`` iff ``j <= p`` and, with a window
   ``w``, ``p - w < j`` (``ForwardBatch.mask``'s convention). A program visits only keys its queries can see:
-  from the first visible key of its earliest query (window) to its latest query's position (causal). Bounds come
-  from the device-side positions: no host sync.
+  from the first visible key of its earliest query (window) to its latest query's position (causal). Key blocks
+  every query of the program sees are attended without a mask; only the edges are masked per score. Bounds come
+  from the device-side positions: no host sync, and the launch shape depends only on ``B``, ``H_q`` and ``T``.
 - Dots: with a half-precision pool (CUDA) q (pre-scaled) and the probabilities are rounded to the pool's dtype for
   ``tl.dot`` on tensor cores, accumulating in float32 (as SDPA's FP16 path does); with a float32 pool (CPU, the
   interpreter tests) the dots are IEEE float32.
@@ -53,7 +54,6 @@ def _prefill_kernel(
     n = tl.arange(0, BLOCK_N)
     i_ok = i < T
     d_ok = d < D
-    pool_ty = kc_ptr.dtype.element_ty
     table = tables_ptr + b * s_tb
 
     pos = tl.load(pos_ptr + b * s_pb + i * s_pt, mask=i_ok, other=0).to(tl.int32)  # padding rows: position 0
@@ -68,37 +68,27 @@ def _prefill_kernel(
     q = tl.load(q_ptr + b * s_qb + h * s_qh + i[:, None] * s_qt + d[None, :] * s_qd, mask=q_ok,
                 other=0.0).to(tl.float32) * scale
     if HALF_DOT:
-        q = q.to(pool_ty)
+        q = q.to(kc_ptr.dtype.element_ty)
+
+    # Keys [a, c) are seen by every query of the block: no mask there. [lo, a) and [c, hi) are masked per score.
+    # (Rounded inwards to key blocks; a negative bound, truncated or floored, ends up below lo >= 0 either way.)
+    c = ((tl.min(tl.where(i_ok, pos, BIG), axis=0) + 1) // BLOCK_N) * BLOCK_N
+    a = 0
+    if HAS_WINDOW:
+        a = tl.minimum(tl.maximum(lo, ((hi - window + BLOCK_N - 1) // BLOCK_N) * BLOCK_N), c)
 
     m = tl.full([BLOCK_M], NEG, tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        j = n0 + n
-        j_ok = j < hi
-        rows = tl.load(table + (j // block_size) * s_tn, mask=j_ok, other=0) * block_size + j % block_size
-        offs = rows[:, None] * s_cr + hk * s_ch + d[None, :]
-        kv_ok = j_ok[:, None] & d_ok[None, :]
-        keys = tl.load(kc_ptr + offs, mask=kv_ok, other=0.0)
-        values = tl.load(vc_ptr + offs, mask=kv_ok, other=0.0)
-        if HALF_DOT:
-            scores = tl.dot(q, tl.trans(keys))
-        else:
-            scores = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision="ieee")
-        seen = (j[None, :] <= pos[:, None]) & j_ok[None, :]
-        if HAS_WINDOW:
-            seen = seen & (pos[:, None] - j[None, :] < window)
-        scores = tl.where(seen, scores, NEG)
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.where(seen, tl.exp(scores - m_new[:, None]), 0.0)
-        l = l * alpha + tl.sum(p, axis=1)
-        if HALF_DOT:
-            pv = tl.dot(p.to(pool_ty), values)
-        else:
-            pv = tl.dot(p, values.to(tl.float32), input_precision="ieee")
-        acc = acc * alpha[:, None] + pv
-        m = m_new
+    for n0 in range(lo, a, BLOCK_N):
+        m, l, acc = _attend(q, m, l, acc, n0 + n, d, d_ok, pos, hi, window, table, kc_ptr, vc_ptr, hk, block_size,
+                            s_cr, s_ch, s_tn, True, HAS_WINDOW, HALF_DOT)
+    for n0 in range(a, c, BLOCK_N):
+        m, l, acc = _attend(q, m, l, acc, n0 + n, d, d_ok, pos, hi, window, table, kc_ptr, vc_ptr, hk, block_size,
+                            s_cr, s_ch, s_tn, False, HAS_WINDOW, HALF_DOT)
+    for n0 in range(c, hi, BLOCK_N):
+        m, l, acc = _attend(q, m, l, acc, n0 + n, d, d_ok, pos, hi, window, table, kc_ptr, vc_ptr, hk, block_size,
+                            s_cr, s_ch, s_tn, True, HAS_WINDOW, HALF_DOT)
 
     if HAS_SINKS:
         sink = tl.load(sinks_ptr + h).to(tl.float32)
@@ -110,6 +100,39 @@ def _prefill_kernel(
     out = acc / l[:, None]
     tl.store(out_ptr + b * s_ob + h * s_oh + i[:, None] * s_ot + d[None, :] * s_od,
              out.to(out_ptr.dtype.element_ty), mask=q_ok)
+
+
+@triton.jit
+def _attend(q, m, l, acc, j, d, d_ok, pos, hi, window, table, kc_ptr, vc_ptr, hk, block_size, s_cr, s_ch, s_tn,
+            MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HALF_DOT: tl.constexpr):
+    """One block of keys ``j`` into the online softmax ``(m, l, acc)`` of the queries at ``pos``. Unmasked
+    (``MASKED`` false) only where every key is below ``hi`` and seen by every query."""
+    j_ok = j < hi
+    rows = tl.load(table + (j // block_size) * s_tn, mask=j_ok, other=0) * block_size + j % block_size
+    offs = rows[:, None] * s_cr + hk * s_ch + d[None, :]
+    kv_ok = j_ok[:, None] & d_ok[None, :]
+    keys = tl.load(kc_ptr + offs, mask=kv_ok, other=0.0)
+    values = tl.load(vc_ptr + offs, mask=kv_ok, other=0.0)
+    if HALF_DOT:
+        scores = tl.dot(q, tl.trans(keys))
+    else:
+        scores = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision="ieee")
+    if MASKED:
+        seen = (j[None, :] <= pos[:, None]) & j_ok[None, :]
+        if HAS_WINDOW:
+            seen = seen & (pos[:, None] - j[None, :] < window)
+        scores = tl.where(seen, scores, NEG)
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(scores - m_new[:, None])
+    if MASKED:
+        p = tl.where(seen, p, 0.0)
+    l = l * alpha + tl.sum(p, axis=1)
+    if HALF_DOT:
+        pv = tl.dot(p.to(keys.dtype), values)
+    else:
+        pv = tl.dot(p, values.to(tl.float32), input_precision="ieee")
+    return m_new, l, acc * alpha[:, None] + pv
 
 
 def prefill_attention(
