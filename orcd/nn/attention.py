@@ -150,7 +150,10 @@ class SelfAttention(torch.nn.Module):
         window = self.sliding_window
         out = self._fused_decode(q, k, v, batch)
         prefill = getattr(batch.cache, "prefill_attention", None)
-        if out is None and t > 1 and prefill is not None:  # a chunk over a paged cache, read in place
+        # A chunk with sinks over a paged cache, read in place: the explicit path would hold (T, S) fp32 scores per
+        # head (17 GB for a 512-token chunk at position 131k of GPT-OSS). Without sinks, PyTorch's fused SDPA keeps
+        # serving until the kernel has been timed against it on a GPU.
+        if out is None and t > 1 and prefill is not None and self.sinks is not None:
             out = prefill(self.layer, q, k, v, batch, self.scale, window, self.sinks)
         if out is None:
             if batch.cache is not None:
