@@ -29,7 +29,7 @@ for step in "$@"; do
       python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors tests > "$OUT/gpu-tests.log" 2>&1
       tail -n 25 "$OUT/gpu-tests.log" ;;
     tests-fast)  # the model-level GPU tests and the kernels that have not run on a GPU yet, bounded in time
-      timeout "${STEP_TIMEOUT:-420}" python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_moe_kernels.py \
+      timeout "${STEP_TIMEOUT:-420}" python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_moe_kernels.py tests/test_prefill_attention.py \
         tests/test_cuda_graphs.py tests/test_gpt_oss_gpu.py tests/test_device.py tests/test_engine.py tests/test_fusion.py \
         tests/test_server_gpu.py "tests/test_kernels.py::test_fitted_dot_launches_compile_within_h100_shared_memory" \
         > "$OUT/gpu-tests-fast.log" 2>&1
