@@ -58,3 +58,26 @@ def test_bench_profile_splits_a_decode_step(synth_model) -> None:
     assert "aten::mm" in names or "aten::matmul" in names or "aten::linear" in names, names
     text = bench_profile.format_profile(prof, str(path))
     assert "decode steps of 2 stream(s)" in text and "host operator" in text
+
+
+def test_bytes_per_token_counts_what_a_token_reads(synth_model) -> None:
+    """Everything in the file and the KV cache, less the experts a token does not choose and, where the output head
+    has its own tensor, all of the embedding but the token's row."""
+    from orcd.description import open_checked
+    from orcd.plugins import get_plugin_manager
+
+    untied = synth_model("gpt-oss", "MXFP4")
+    model, config = open_checked(untied, get_plugin_manager())
+    tensors = model.tensors
+    embedding = tensors["token_embd.weight"]
+    unchosen = sum(t.n_bytes for t in tensors.values() if "_exps" in t.name) * \
+        (config.expert_count - config.expert_used_count) // config.expert_count
+    whole = sum(t.n_bytes for t in tensors.values()) + config.kv_cache_bytes(64)
+    assert bench_model.bytes_per_token(str(untied), 64) == \
+        whole - unchosen - embedding.n_bytes + embedding.n_bytes // embedding.shape[0]
+
+    tied = synth_model("qwen2", "Q4_K_M")  # the tiny Qwen2 ties its head to the embedding: the head reads it all
+    tied_model, tied_config = open_checked(tied, get_plugin_manager())
+    assert "output.weight" not in tied_model.tensors
+    assert bench_model.bytes_per_token(str(tied), 64) == \
+        sum(t.n_bytes for t in tied_model.tensors.values()) + tied_config.kv_cache_bytes(64)

@@ -143,8 +143,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+EMBEDDING = "token_embd.weight"
+OUTPUT = "output.weight"
+
+
 def bytes_per_token(path: str, context_tokens: int) -> int:
-    """Bytes one decode step reads: every weight a token uses (the selected share of expert tensors) + its KV cache."""
+    """Bytes one decode step reads: every weight a token uses + its KV cache. Of the expert tensors, the selected
+    share; of the token embedding, one row, unless the output head is tied to it (no ``output.weight``), when the
+    head reads all of it."""
     from orcd.description import open_checked
     from orcd.plugins import get_plugin_manager
 
@@ -154,7 +160,12 @@ def bytes_per_token(path: str, context_tokens: int) -> int:
     weights = 0
     for t in model.tensors.values():
         expert = total and len(t.shape) >= 2 and t.shape[0] == total and "_exps" in t.name
-        weights += t.n_bytes * used // total if expert else t.n_bytes
+        if expert:
+            weights += t.n_bytes * used // total
+        elif t.name == EMBEDDING and OUTPUT in model.tensors:
+            weights += t.n_bytes // t.shape[0]  # the token's row
+        else:
+            weights += t.n_bytes
     return weights + config.kv_cache_bytes(context_tokens)
 
 
