@@ -32,3 +32,20 @@ def gpu_test(fn):
                  pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")):
         fn = mark(fn)
     return fn
+
+
+def greedy_tokens(loaded, plugins, lengths: tuple[int, ...], max_tokens: int, **engine_options) -> list[int]:
+    """Every token an engine produces for greedy requests with prompts of ``lengths`` tokens, in event order: the
+    end-to-end check that a kernel switched on (``ORCD_KERNELS``) leaves a model's output as it was."""
+    from orcd.engine import Engine, GenerationRequest, TokenEvent
+    from orcd.sampling import SamplingParams
+
+    engine = Engine(loaded, plugins, n_ctx=96, **engine_options)
+    for i, n in enumerate(lengths):
+        prompt = [(7 * i + j) % 50 + 10 for j in range(n)]
+        engine.add_request(GenerationRequest(request_id=str(i), prompt_ids=prompt, max_tokens=max_tokens,
+                                             sampling=SamplingParams(temperature=0.0), stop_token_ids=set()))
+    tokens: list[int] = []
+    while engine.has_work():
+        tokens += [e.token_id for e in engine.step() if isinstance(e, TokenEvent)]
+    return tokens

@@ -30,7 +30,7 @@ from orcd.engine.kv_cache import PagedKVCache
 from orcd.nn.attention import SelfAttention, attention
 from orcd.nn.batch import ForwardBatch
 
-from kernel_support import gpu_test, interpreter_only  # sets TRITON_INTERPRET before a kernel module loads
+from kernel_support import gpu_test, greedy_tokens, interpreter_only  # sets TRITON_INTERPRET before a kernel module loads
 
 
 @pytest.fixture(autouse=True)
@@ -143,9 +143,7 @@ def test_a_gpt_oss_decode_through_the_kernel_equals_the_torch_path(synth_model, 
     length buckets, a window of 8) gives the same greedy tokens with the kernel as through ``update`` +
     ``attention``."""
     import orcd.nn.decode_attention as kernel
-    from orcd.engine import Engine, GenerationRequest, TokenEvent
     from orcd.loader import load_model
-    from orcd.sampling import SamplingParams
 
     loaded = load_model(synth_model("gpt-oss", "MXFP4"), "cpu", plugins)
     windowed = [m for m in loaded.module.modules() if isinstance(m, SelfAttention) and m.sliding_window]
@@ -163,15 +161,7 @@ def test_a_gpt_oss_decode_through_the_kernel_equals_the_torch_path(synth_model, 
 
     def run(kernels: str) -> list[int]:
         monkeypatch.setenv("ORCD_KERNELS", kernels)
-        engine = Engine(loaded, plugins, max_batch=4, n_ctx=96, static_shapes=True)
-        for i, n in enumerate((21, 3, 40)):
-            prompt = [(7 * i + j) % 50 + 10 for j in range(n)]
-            engine.add_request(GenerationRequest(request_id=str(i), prompt_ids=prompt, max_tokens=4,
-                                                 sampling=SamplingParams(temperature=0.0), stop_token_ids=set()))
-        tokens: list[int] = []
-        while engine.has_work():
-            tokens += [e.token_id for e in engine.step() if isinstance(e, TokenEvent)]
-        return tokens
+        return greedy_tokens(loaded, plugins, (21, 3, 40), 4, max_batch=4, static_shapes=True)
 
     with_kernel = run("1")
     assert launches  # every layer of every decode step took the kernel
