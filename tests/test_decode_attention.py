@@ -109,7 +109,7 @@ def check(device: str, h_q: int, h_kv: int, window: int | None, sinks: bool, spl
 
 
 @interpreter_only
-@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("splits", [None, 3, 16])  # 16: ranges left empty
 @pytest.mark.parametrize("sinks", [False, True])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("h_q,h_kv", HEADS)
@@ -169,7 +169,7 @@ def test_a_gpt_oss_decode_through_the_kernel_equals_the_torch_path(synth_model, 
 
 
 @gpu_test
-@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("splits", [None, 3, 16])  # 16: ranges left empty
 @pytest.mark.parametrize("sinks", [False, True])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("h_q,h_kv", HEADS)

@@ -80,6 +80,8 @@ def interpreter_configs():
         "decode": matmul.Config(bm=2, bn=16, dot=False, nb=2, split=1),  # legacy: a step past the end of K
         "decode-split": matmul.Config(bm=4, bn=16, dot=False, nb=1, split=3),  # a row of x that does not exist
         "decode-pairs": matmul.Config(bm=1, bn=16, dot=False, nb=2, split=1),  # experts: one pair per block
+        "decode-parts": matmul.Config(bm=3, bn=16, dot=False, nb=8, split=1, parts=4),  # lanes share a unit
+        "decode-parts-split": matmul.Config(bm=1, bn=16, dot=False, nb=4, split=3, parts=8),  # ranges cut units
         "dot": matmul.Config(bm=16, bn=16, dot=True, nb=2, split=1),  # legacy: K = 96 ends in a tail step
         "dot-split": matmul.Config(bm=16, bn=16, dot=True, nb=1, split=2),  # one unit per step: slow on GPUs, valid
     }
@@ -104,13 +106,14 @@ def test_interpreted_tiles_bit_exact(formats: dict[str, QuantFormat], name: str)
 
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
-@pytest.mark.parametrize("path", ["decode", "decode-split", "dot", "dot-split", "auto"])
+@pytest.mark.parametrize("path", ["decode", "decode-split", "decode-parts", "decode-parts-split", "dot", "dot-split",
+                                  "auto"])
 @pytest.mark.parametrize("name", KERNEL_FORMATS)
 def test_interpreted_linear(formats: dict[str, QuantFormat], name: str, path: str, dtype: torch.dtype) -> None:
     matmul = matmul_module()
     fmt = formats[name]
     K, N = tiny_k(fmt), 19  # N: one full block of 16 weight rows and a partial one
-    M = 3 if path.startswith("dot") else 2
+    M = 3 if path.startswith("dot") or path == "decode-parts" else 2
     rng = np.random.default_rng(2)
     raw, w = random_weight(fmt, (N, K), rng)
     x = torch.from_numpy(rng.standard_normal((M, K), dtype=np.float32)).to(dtype)
@@ -126,6 +129,7 @@ def test_interpreted_linear(formats: dict[str, QuantFormat], name: str, path: st
 @pytest.mark.parametrize(("name", "path"), [
     *[(name, path) for name in ("MXFP4", "Q4_K", "Q8_0", "Q6_K") for path in ("decode", "dot", "auto")],
     ("MXFP4", "decode-split"), ("Q8_0", "dot-split"), ("MXFP4", "decode-pairs"), ("Q6_K", "decode-pairs"),
+    ("MXFP4", "decode-parts-split"), ("Q6_K", "decode-parts-split"),
 ])
 def test_interpreted_experts(formats: dict[str, QuantFormat], name: str, path: str) -> None:
     matmul = matmul_module()
@@ -219,7 +223,7 @@ def test_cuda_linear(formats: dict[str, QuantFormat], name: str, m: int, dtype: 
 
 
 @gpu_test
-@pytest.mark.parametrize("path", ["decode-f32", "dot-f16"])
+@pytest.mark.parametrize("path", ["decode-f32", "decode-parts-f32", "dot-f16"])
 @pytest.mark.parametrize("name", KERNEL_FORMATS)
 @pytest.mark.usefixtures("kernels_on")
 def test_cuda_tiles_bit_exact(formats: dict[str, QuantFormat], name: str, path: str) -> None:
@@ -232,6 +236,9 @@ def test_cuda_tiles_bit_exact(formats: dict[str, QuantFormat], name: str, path: 
     raw, w = random_weight(fmt, (N, K), rng)
     if path == "decode-f32":
         eye, config, expected = torch.eye(K, device="cuda"), matmul.Config(bm=4, bn=32, dot=False, nb=8), w
+    elif path == "decode-parts-f32":
+        eye, expected = torch.eye(K, device="cuda"), w
+        config = matmul.Config(bm=3, bn=16, dot=False, nb=32, parts=8)
     else:
         eye, config = torch.eye(K, device="cuda", dtype=torch.float16), matmul.Config(bm=64, bn=32, dot=True, nb=2)
         expected = w.astype(np.float32).astype(np.float16)

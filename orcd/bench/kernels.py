@@ -191,11 +191,9 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
     x = torch.randn(m, k, device=device, dtype=dtype)
     default = matmul.pick_config(spec, m, n, k, matmul._multiprocessors(device))
     grid = []
-    if m <= matmul.FMA_MAX_ROWS:
-        per_warp, nb = (2, 16) if spec.block_size > 32 else (1, 32)  # rows a warp's lanes cover, units per row
-        grid += [matmul.Config(bm=m, bn=per_warp * rows * warps, dot=False, nb=nb, split=split, warps=warps)
-                 for warps in (1, 2, 4) for rows in (2, 4, 8) for split in (0, 1)]
-        grid += [matmul.Config(bm=m, bn=per_warp * 4 * warps, dot=False, nb=2 * nb, warps=warps) for warps in (1, 2, 4)]
+    if m <= matmul.FMA_MAX_ROWS:  # rows per thread, lanes per row (nb), lanes per unit (parts), warps
+        grid += [matmul.Config(bm=m, bn=rows * 32 * warps // nb, dot=False, nb=nb, warps=warps, parts=parts)
+                 for warps in (2, 4) for rows in (4, 8) for nb, parts in ((32, 1), (32, 4), (32, 8), (64, 8))]
     if m > 1:
         grid += [matmul.Config(bm=bm, bn=bn, dot=True, nb=nb, warps=warps)
                  for bm, bn in ((16, 64), (32, 64), (64, 64), (64, 128), (128, 128), (128, 256))

@@ -19,8 +19,9 @@ One program per (sequence, key/value head, key range) serves the ``H_q / H_kv`` 
 
 Every row attends at least to its own new key, so every output is finite, padding rows of a CUDA-graph batch
 (position 0 in the scratch block) included. Programs whose range is empty (past the sequence's position) leave
-a neutral partial (max ``NEG``, denominator 0). Loop bounds come from the device-side position: no host sync, and
-the launch shape depends only on host numbers (``B``, heads, ``kv_length``), so it can be captured in a graph.
+a neutral partial (max ``NEG``, denominator 0). Key ranges and loop bounds come from the device-side position: no
+host sync, and the launch shape depends only on host numbers (``B``, heads, ``kv_length``), so it can be captured in
+a graph.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ TARGET_PROGRAMS = 128  # split the read until about this many programs run (an H
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, tables_ptr, pos_ptr, sinks_ptr, out_ptr, m_ptr, l_ptr,
-    scale, window, block_size, split_len,
+    scale, window, block_size,
     s_qb, s_qh, s_qd, s_kb, s_kh, s_kd, s_vb, s_vh, s_vd,
     s_cr, s_ch, s_tb, s_tn, s_pb,
     s_ob, s_oh, s_os,
@@ -65,7 +66,14 @@ def _decode_kernel(
     pool_ty = kc_ptr.dtype.element_ty
     k_new = tl.load(k_ptr + b * s_kb + hk * s_kh + d * s_kd, mask=d_ok, other=0.0).to(pool_ty)
     v_new = tl.load(v_ptr + b * s_vb + hk * s_vh + d * s_vd, mask=d_ok, other=0.0).to(pool_ty)
-    start = split * split_len
+    # The keys this sequence attends, first..pos, cut into as many ranges as there are programs along axis 2; cut
+    # here from the device-side position, so a launch shaped for the longest context (a CUDA graph's) still spreads
+    # a short one over all its programs.
+    first = 0
+    if HAS_WINDOW:
+        first = tl.maximum(pos - window + 1, 0)
+    split_len = tl.cdiv(tl.cdiv(pos + 1 - first, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    start = first + split * split_len
     own = (pos >= start) & (pos < start + split_len)  # this program's range holds the new position
     row = tl.load(table + (pos // block_size) * s_tn) * block_size + pos % block_size
     pos_d = pos + 0 * d  # per-lane copies: the interpreter wants a vector mask
@@ -79,11 +87,8 @@ def _decode_kernel(
     acc = tl.where(own, 1.0, 0.0) * v_new.to(tl.float32)[None, :] + tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
 
     end = tl.minimum(start + split_len, pos)  # keys before the new one, in this range
-    lo = start
-    if HAS_WINDOW:
-        lo = tl.maximum(start, pos - window + 1)
     n = tl.arange(0, BLOCK_N)
-    for n0 in range(lo, end, BLOCK_N):
+    for n0 in range(start, end, BLOCK_N):
         j = n0 + n
         j_ok = j < end
         rows = tl.load(table + (j // block_size) * s_tn, mask=j_ok, other=0) * block_size + j % block_size
@@ -152,13 +157,11 @@ def _combine_kernel(
     tl.store(out_ptr + b * s_ob + h * s_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def n_splits(kv_length: int, programs: int, block_n: int = BLOCK_N) -> tuple[int, int]:
-    """(key ranges, positions per range) for a read of ``kv_length`` positions by ``programs`` (sequence, K/V
-    head) pairs: one range (one kernel) unless the read is long and the pairs too few to fill the GPU."""
-    want = max(1, min(-(-kv_length // MIN_SPLIT), TARGET_PROGRAMS // max(1, programs)))
-    length = -(-kv_length // want)
-    length = -(-length // block_n) * block_n
-    return -(-kv_length // length), length
+def n_splits(kv_length: int, programs: int) -> int:
+    """Key ranges for a read of at most ``kv_length`` positions by ``programs`` (sequence, K/V head) pairs: one
+    (one kernel) unless the read can be long and the pairs are too few to fill the GPU. The kernel cuts each
+    sequence's actual keys into that many ranges."""
+    return max(1, min(-(-kv_length // MIN_SPLIT), TARGET_PROGRAMS // max(1, programs)))
 
 
 def decode_attention(
@@ -189,11 +192,7 @@ def decode_attention(
         raise ValueError("the K and V pools must be alike, rows of contiguous (head, dim)")
     group = h_q // h_kv
     if splits is None:
-        splits, split_len = n_splits(kv_length, b * h_kv, block_n)
-    else:
-        per_range = -(-kv_length // splits)
-        split_len = -(-per_range // block_n) * block_n
-        splits = -(-kv_length // split_len)
+        splits = n_splits(kv_length, b * h_kv)
     out = torch.empty((b, h_q, 1, d), dtype=q.dtype, device=q.device)
     if splits > 1:
         acc = torch.empty((b, h_q, splits, d), dtype=torch.float32, device=q.device)
@@ -207,7 +206,7 @@ def decode_attention(
     block_d = max(16, triton.next_power_of_2(d))
     _decode_kernel[(b, h_kv, splits)](
         q, k, v, k_pool, v_pool, tables, positions, sink_arg, target, m, l,
-        scale, window or 0, block_size, split_len,
+        scale, window or 0, block_size,
         q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1),
         v.stride(3), k_pool.stride(0), k_pool.stride(1), tables.stride(0), tables.stride(1), positions.stride(0),
         *strides,

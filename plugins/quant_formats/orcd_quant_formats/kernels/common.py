@@ -62,9 +62,9 @@ def shift(v, N: tl.constexpr):
 
 
 @triton.jit
-def x_at(xb, OFF: tl.constexpr):
-    """x at offset ``OFF`` from each block's pointer in ``xb``, as fp32."""
-    return tl.load(xb + OFF).to(tl.float32)
+def x_at(xb, off):
+    """x at offset ``off`` (static, or a tensor) from each block's pointer in ``xb``, as fp32."""
+    return tl.load(xb + off).to(tl.float32)
 
 
 @triton.jit

@@ -1,12 +1,15 @@
 """The decode kernel: ``out = x @ W.T (+ bias)`` for a few rows of ``x`` (up to 4), bound by reading ``W`` once.
 
-A program owns ``BN`` weight rows and walks ``K`` ``NB`` units at a time: a unit is a block (32 values) of the legacy
-formats and MXFP4, a quarter of a super-block (64 values) of the K-quants. Each step is a grid of ``BN * NB``
-(row, unit) pairs held as one 1-D axis, pair ``p`` = row ``p // NB``, unit ``p % NB``, and every quantity in it (the
+A program owns ``BN`` weight rows and walks ``K`` ``NB`` parts at a time: a unit is a block (32 values) of the legacy
+formats and MXFP4, a quarter of a super-block (64 values) of the K-quants, and it is cut into ``PARTS`` parts of
+consecutive code words, so that neighbouring lanes read neighbouring bytes of codes and of x (with whole units per
+lane, a warp's load of x touches 32 cache lines, and L1 serves it one line at a time). Each step is a grid of
+``BN * NB`` (row, part) pairs held as one 1-D axis, pair ``p`` = row ``p // NB``, part ``p % NB``, and every
+quantity in it (the
 block's codes word by word, its scales, the running sums, the x values of its unit) has that shape. A 1-D tensor has
 one register layout, so nothing is moved through shared memory (with a 2-D grid, Triton versions break the tie
 between two equally non-contiguous axes differently, and the wrong guess moves every decoded value through shared
-memory). Consecutive lanes take consecutive units of a row, and a thread holds several rows of its unit: their x
+memory). Consecutive lanes take consecutive parts of a row, and a thread holds several rows of its part: their x
 loads are the same addresses, loaded once. The format's ``*_dot`` function returns each pair's dot product with one
 row of ``x`` (fp32 throughout); the sums stay per pair until the end, when each row's are added.
 
@@ -37,28 +40,28 @@ _MXFP4 = tl.constexpr(int(T.MXFP4))
 
 
 @triton.jit
-def block_dot(FMT: tl.constexpr, base, u, xb, MAGIC):
-    """Per (row, unit) pair: the unit's ``sum w x`` (fp32); ``base`` points at the blocks, ``u`` is the unit in the
-    block (K-quants: 0..3), ``xb`` points at x for the block's first value."""
+def block_dot(FMT: tl.constexpr, base, u, xb, MAGIC, part, PARTS: tl.constexpr):
+    """Per (row, unit) pair: ``sum w x`` over part ``part`` of ``PARTS`` of the unit (fp32); ``base`` points at the
+    blocks, ``u`` is the unit in the block (K-quants: 0..3), ``xb`` points at x for the block's first value."""
     if FMT == _Q4_0:
-        r = q4_0_dot(base, u, xb, MAGIC)
+        r = q4_0_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q4_1:
-        r = q4_1_dot(base, u, xb, MAGIC)
+        r = q4_1_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q5_0:
-        r = q5_0_dot(base, u, xb, MAGIC)
+        r = q5_0_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q5_1:
-        r = q5_1_dot(base, u, xb, MAGIC)
+        r = q5_1_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q8_0:
-        r = q8_0_dot(base, u, xb, MAGIC)
+        r = q8_0_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q4_K:
-        r = q4_k_dot(base, u, xb, MAGIC)
+        r = q4_k_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q5_K:
-        r = q5_k_dot(base, u, xb, MAGIC)
+        r = q5_k_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q6_K:
-        r = q6_k_dot(base, u, xb, MAGIC)
+        r = q6_k_dot(base, u, xb, MAGIC, part, PARTS)
     else:
         tl.static_assert(FMT == _MXFP4, "no decode function for this ggml type")
-        r = mxfp4_dot(base, u, xb, MAGIC)
+        r = mxfp4_dot(base, u, xb, MAGIC, part, PARTS)
     return r
 
 
@@ -99,7 +102,7 @@ def gemv_kernel(
     M, N, K, stride_xm, stride_wn, stride_we, stride_om, chunk_units, part_stride, MAGIC,
     FMT: tl.constexpr, QK: tl.constexpr, TYPE_SIZE: tl.constexpr, UNITS: tl.constexpr, BM: tl.constexpr,
     BN: tl.constexpr, NB: tl.constexpr, GROUPED: tl.constexpr, X_DIV: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PARTIAL: tl.constexpr,
+    PARTIAL: tl.constexpr, PARTS: tl.constexpr,
 ):
     tl.static_assert(BM <= 4, "the decode kernel takes at most 4 rows of x per program")
     pid_m = tl.program_id(0)
@@ -109,7 +112,7 @@ def gemv_kernel(
     pair = tl.arange(0, BN * NB)
     row_off = tl.minimum(pid_n * BN + pair // NB, N - 1).to(tl.int64) * stride_wn
     b_start = pid_k * chunk_units
-    b_end = tl.minimum(K // QK * UNITS, b_start + chunk_units)
+    b_end = tl.minimum(K // QK * UNITS * PARTS, b_start + chunk_units)
     if GROUPED:
         expert = tl.load(block_expert_ptr + pid_m)
         p_lo = tl.load(block_start_ptr + pid_m)
@@ -135,22 +138,24 @@ def gemv_kernel(
     acc2 = tl.zeros((BN * NB,), dtype=tl.float32)
     acc3 = tl.zeros((BN * NB,), dtype=tl.float32)
     for b0 in range(b_start, b_end, NB):
-        units = b0 + pair % NB
-        inside = units < b_end
-        units = tl.minimum(units, b_end - 1)
+        parts = b0 + pair % NB
+        inside = parts < b_end
+        parts = tl.minimum(parts, b_end - 1)
+        part = parts % PARTS
+        units = parts // PARTS
         blocks = units // UNITS
         u = units % UNITS
         base = w_base + row_off + blocks * TYPE_SIZE
         xoff = blocks * QK
         # MAGIC as a per-thread register: a uniform one cannot share a LOP3 with a field mask
         magic = tl.where(units >= 0, MAGIC, 0)
-        acc0 += tl.where(inside, block_dot(FMT, base, u, x0 + xoff, magic), 0.0)
+        acc0 += tl.where(inside, block_dot(FMT, base, u, x0 + xoff, magic, part, PARTS), 0.0)
         if BM > 1:
-            acc1 += tl.where(inside, block_dot(FMT, base, u, x1 + xoff, magic), 0.0)
+            acc1 += tl.where(inside, block_dot(FMT, base, u, x1 + xoff, magic, part, PARTS), 0.0)
         if BM > 2:
-            acc2 += tl.where(inside, block_dot(FMT, base, u, x2 + xoff, magic), 0.0)
+            acc2 += tl.where(inside, block_dot(FMT, base, u, x2 + xoff, magic, part, PARTS), 0.0)
         if BM > 3:
-            acc3 += tl.where(inside, block_dot(FMT, base, u, x3 + xoff, magic), 0.0)
+            acc3 += tl.where(inside, block_dot(FMT, base, u, x3 + xoff, magic, part, PARTS), 0.0)
 
     bias = tl.zeros((BN,), dtype=tl.float32)
     if HAS_BIAS and not PARTIAL:

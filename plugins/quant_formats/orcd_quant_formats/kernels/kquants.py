@@ -41,7 +41,7 @@ def scale_min(block, s):
 
 
 @triton.jit
-def _q45_word(base, u, J: tl.constexpr, magic, HIGH_BIT: tl.constexpr):
+def _q45_word(base, u, J, magic, HIGH_BIT: tl.constexpr):
     """Word ``J``'s values ``q << 4k`` as fp32: (sub-block 2u: 2J, 2J + 1; sub-block 2u + 1: 2J, 2J + 1)."""
     w = load_u16(as_u16(base + (48 if HIGH_BIT else 16) + 32 * u) + J)
     if HIGH_BIT:
@@ -60,7 +60,7 @@ def _q45_word(base, u, J: tl.constexpr, magic, HIGH_BIT: tl.constexpr):
 
 
 @triton.jit
-def _q45_k_dot(base, u, xs, magic, HIGH_BIT: tl.constexpr):
+def _q45_k_dot(base, u, xs, magic, HIGH_BIT: tl.constexpr, part, PARTS: tl.constexpr):
     xb = xs + 64 * u
     a0 = tl.zeros(base.shape, tl.float32)
     a8 = tl.zeros(base.shape, tl.float32)
@@ -68,7 +68,9 @@ def _q45_k_dot(base, u, xs, magic, HIGH_BIT: tl.constexpr):
     b12 = tl.zeros(base.shape, tl.float32)
     xa = tl.zeros(base.shape, tl.float32)
     xz = tl.zeros(base.shape, tl.float32)
-    for j in tl.static_range(16):
+    W: tl.constexpr = 16 // PARTS
+    for jj in tl.static_range(W):
+        j = part * W + jj
         v0, v8, v4, v12 = _q45_word(base, u, j, magic, HIGH_BIT)
         x0 = x_at(xb, 2 * j)
         x1 = x_at(xb, 2 * j + 1)
@@ -89,13 +91,13 @@ def _q45_k_dot(base, u, xs, magic, HIGH_BIT: tl.constexpr):
 
 
 @triton.jit
-def q4_k_dot(base, u, xs, magic):
-    return _q45_k_dot(base, u, xs, magic, False)
+def q4_k_dot(base, u, xs, magic, part, PARTS: tl.constexpr):
+    return _q45_k_dot(base, u, xs, magic, False, part, PARTS)
 
 
 @triton.jit
-def q5_k_dot(base, u, xs, magic):
-    return _q45_k_dot(base, u, xs, magic, True)
+def q5_k_dot(base, u, xs, magic, part, PARTS: tl.constexpr):
+    return _q45_k_dot(base, u, xs, magic, True, part, PARTS)
 
 
 @triton.jit
@@ -152,7 +154,7 @@ def q5_k_tile(base, u, magic, DT: tl.constexpr):
 
 
 @triton.jit
-def _q6_word(base, u, T: tl.constexpr, magic):
+def _q6_word(base, u, T, magic):
     """Word ``T``'s values ``(q - 32) << 4k`` as fp32: (32f + 2T, 32f + 2T + 1, 32 (f + 2) + 2T, + 1)."""
     h = u // 2
     f = u % 2
@@ -165,7 +167,7 @@ def _q6_word(base, u, T: tl.constexpr, magic):
 
 
 @triton.jit
-def _q6_scales(base, u, HALF: tl.constexpr):
+def _q6_scales(base, u, HALF):
     """``d * sc`` for the low-field and high-field sub-blocks of words ``8 HALF .. 8 HALF + 7``."""
     sub = 8 * (u // 2) + 2 * (u % 2) + HALF
     d = f16_u16(as_u16(base + 208))
@@ -175,21 +177,27 @@ def _q6_scales(base, u, HALF: tl.constexpr):
 
 
 @triton.jit
-def q6_k_dot(base, u, xs, magic):
+def q6_k_dot(base, u, xs, magic, part, PARTS: tl.constexpr):
+    """Words ``part * W ..`` (``W = 16 / PARTS``) of unit ``u``; a part lies within one half of the words (one pair
+    of sub-block scales) unless it is the whole unit."""
     xb = xs + 128 * (u // 2) + 32 * (u % 2)
     total = tl.zeros(base.shape, tl.float32)
-    for half in tl.static_range(2):
+    HALVES: tl.constexpr = 2 if PARTS == 1 else 1
+    W: tl.constexpr = 16 // PARTS // HALVES
+    for hh in tl.static_range(HALVES):
+        t0 = part * (16 // PARTS) + 8 * hh
         a0 = tl.zeros(base.shape, tl.float32)
         a8 = tl.zeros(base.shape, tl.float32)
         a4 = tl.zeros(base.shape, tl.float32)
         a12 = tl.zeros(base.shape, tl.float32)
-        for t in tl.static_range(8 * half, 8 * half + 8):
+        for jj in tl.static_range(W):
+            t = t0 + jj
             v0, v8, v4, v12 = _q6_word(base, u, t, magic)
             a0 += v0 * x_at(xb, 2 * t)
             a8 += v8 * x_at(xb, 2 * t + 1)
             a4 += v4 * x_at(xb, 64 + 2 * t)
             a12 += v12 * x_at(xb, 65 + 2 * t)
-        dla, dlb = _q6_scales(base, u, half)
+        dla, dlb = _q6_scales(base, u, t0 // 8)
         total += dla * (a0 + a8 * (1.0 / 256)) + dlb * (a4 * (1.0 / 16) + a12 * (1.0 / 4096))
     return total
 

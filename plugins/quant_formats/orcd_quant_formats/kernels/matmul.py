@@ -198,6 +198,8 @@ def qmm_kernel(
 
 FMA_MAX_ROWS = 4  # up to this many x rows per weight block: the decode kernel; more: tl.dot
 PROGRAMS_PER_SM = 4  # split K until the grid has about this many programs per multiprocessor
+DECODE_PARTS = 4  # lanes per unit in the decode kernel
+DECODE_ROWS = 8  # weight rows per thread in the decode kernel
 MIN_STEPS_PER_SPLIT = 2
 
 
@@ -205,7 +207,8 @@ MIN_STEPS_PER_SPLIT = 2
 class Config:
     """One launch's shape: ``bm`` rows of x and ``bn`` weight rows per program, ``nb`` units (see ``Spec``: 32-value
     blocks; K-quants: 64 values, 128 for Q6_K under tl.dot) per iteration; ``dot``: the tl.dot kernel, else the
-    decode kernel (``bm`` <= 4). ``split``: chunks of K (0: chosen from the grid size)."""
+    decode kernel (``bm`` <= 4), whose units are cut into ``parts`` (one lane each; ``nb`` then counts parts).
+    ``split``: chunks of K (0: chosen from the grid size)."""
 
     bm: int
     bn: int
@@ -214,6 +217,7 @@ class Config:
     split: int = 0
     warps: int = 4
     stages: int = 2
+    parts: int = 1
 
 
 def _pow2_at_least(n: int) -> int:
@@ -223,18 +227,18 @@ def _pow2_at_least(n: int) -> int:
 def pick_config(spec: Spec, rows: int, N: int, K: int, multiprocessors: int = 132) -> Config:
     """The launch for ``rows`` rows of x per block of work (all of x, or one expert's pairs).
 
-    Decode: a warp covers 32 units of a row (legacy, MXFP4) or 16 units of 2 rows (K-quants) and each thread holds 4
-    rows of its column, so that the x values it loads serve 4 weight rows; the number of warps per program (1, 2
-    or 4) grows with N so that small matrices still spread over the device (split-K does the rest).
+    Decode: units are cut into ``DECODE_PARTS`` parts, a warp's 32 lanes take 32 consecutive parts of a row, and
+    each thread holds ``DECODE_ROWS`` rows of its part, so that the x values it loads serve that many weight rows;
+    the number of warps per program (1, 2 or 4) grows with N so that small matrices still spread over the device
+    (split-K does the rest).
     tl.dot: 2 units per iteration (one unit makes a degenerate ``(BN, 1)`` layout that the compiler moves through
     shared memory)."""
     if rows <= FMA_MAX_ROWS:
-        rows_per_warp, nb = (8, 16) if spec.block_size > 32 else (4, 32)
         target = PROGRAMS_PER_SM * multiprocessors
         warps = 4
-        while warps > 1 and triton.cdiv(N, rows_per_warp * warps) < target:
+        while warps > 1 and triton.cdiv(N, DECODE_ROWS * warps) < target:
             warps //= 2
-        return Config(bm=rows, bn=rows_per_warp * warps, dot=False, nb=nb, warps=warps)
+        return Config(bm=rows, bn=DECODE_ROWS * warps, dot=False, nb=32, warps=warps, parts=DECODE_PARTS)
     bm = min(128, max(16, _pow2_at_least(rows)))
     bn = 64 if bm <= 64 else 128
     return Config(bm=bm, bn=bn, dot=True, nb=2, warps=8 if bm * bn >= 128 * 128 else 4, stages=2)
@@ -309,6 +313,8 @@ def _checked(spec: Spec, cfg: Config, K: int) -> None:
         raise ValueError(f"launch {cfg}: nb, bn (and bm for tl.dot) must be powers of two")
     if not cfg.dot and not 1 <= cfg.bm <= FMA_MAX_ROWS:
         raise ValueError(f"decode launch {cfg}: bm must be 1..{FMA_MAX_ROWS}")
+    if not cfg.dot and cfg.parts not in (1, 2, 4, 8):  # every format's unit has 8 or 16 code words
+        raise ValueError(f"decode launch {cfg}: parts must be 1, 2, 4 or 8")
     if cfg.dot and (cfg.bm < 16 or cfg.bn < 16):
         raise ValueError(f"tl.dot launch {cfg}: bm and bn must be at least 16")
 
@@ -331,7 +337,7 @@ def _plan(ggml_type: int, cfg: Config, m_blocks: int, N: int, K: int, device: to
     """``(splits, units per split)`` of one launch (cached: decode calls repeat)."""
     spec = SPECS[ggml_type]
     _checked(spec, cfg, K)
-    n_units = K // spec.unit(cfg.dot)
+    n_units = K // spec.unit(cfg.dot) * (1 if cfg.dot else cfg.parts)
     steps = triton.cdiv(n_units, cfg.nb)
     split = cfg.split
     if split <= 0:
@@ -363,7 +369,7 @@ def _launch(
              "BM": cfg.bm, "BN": cfg.bn, "NB": cfg.nb, "GROUPED": grouped is not None, "X_DIV": x_div,
              "HAS_BIAS": bias is not None, "PARTIAL": partial, "num_warps": cfg.warps, "num_stages": cfg.stages}
     if not cfg.dot:
-        gemv_kernel[grid](*args, **flags)
+        gemv_kernel[grid](*args, **flags, PARTS=cfg.parts)
     else:
         _launch_dot(args, flags, grid, x, N, (ggml_type, cfg, x.dtype))
     if not partial:

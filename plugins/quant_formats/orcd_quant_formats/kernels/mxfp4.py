@@ -36,9 +36,12 @@ def _scale(base):
 
 
 @triton.jit
-def mxfp4_dot(base, u, xb, magic):
+def mxfp4_dot(base, u, xb, magic, part, PARTS: tl.constexpr):
+    """Code bytes ``part * W .. (part + 1) * W - 1`` (``W = 16 / PARTS``) of each block, with their x."""
     p = tl.zeros(base.shape, tl.float32)
-    for j in tl.static_range(16):
+    W: tl.constexpr = 16 // PARTS
+    for jj in tl.static_range(W):
+        j = part * W + jj
         lo, hi = _e2m1_pair(tl.load(base + 1 + j).to(tl.int32))
         p += lo * x_at(xb, j)
         p += hi * x_at(xb, 16 + j)
