@@ -153,6 +153,59 @@ def test_interpreted_experts(formats: dict[str, QuantFormat], name: str, path: s
         torch.testing.assert_close(pairs, got, rtol=0, atol=0)
 
 
+@pytest.fixture
+def tuning_file(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """A kernel tuning table in ``$ORCD_KERNEL_TUNING``, with the launch caches cleared around the test."""
+    from orcd_quant_formats.kernels import tuning
+
+    path = tmp_path / "tuned.json"
+    monkeypatch.setenv(tuning.ENV, str(path))
+
+    def clear() -> None:
+        tuning.table.cache_clear()
+        try:
+            matmul_module()._fitted.cache_clear()
+        except ImportError:  # no Triton: no launches to forget
+            pass
+
+    clear()
+    yield path
+    monkeypatch.delenv(tuning.ENV)
+    clear()
+
+
+@interpreter_only
+def test_tuning_table_gives_the_measured_launch(formats: dict[str, QuantFormat], tuning_file) -> None:
+    """A shape in the table takes its entry (linear and experts keyed apart), an invalid entry warns and takes the
+    rule, and the tuned launch computes the same product."""
+    from orcd_quant_formats.kernels import tuning
+
+    matmul = matmul_module()
+    fmt = formats["Q4_K"]
+    t, K, N, cpu = int(fmt.ggml_type), tiny_k(formats["Q4_K"]), 19, torch.device("cpu")
+    tuned = {"bm": 1, "bn": 4, "dot": False, "nb": 8, "split": 2, "warps": 1, "parts": 4}
+    experts = {**tuned, "bn": 2}
+    tuning.write(tuning_file, "cpu", {tuning.key(t, 1, N, K): tuned, tuning.key(t, 1, N, K, experts=True): experts,
+                                      tuning.key(t, 2, N, K): {**tuned, "bm": 2, "parts": 3}})
+    assert matmul._fitted(t, 1, N, K, torch.float32, cpu) == matmul.Config(**tuned)
+    assert matmul._fitted(t, 1, N, K, torch.float32, cpu, experts=True) == matmul.Config(**experts)
+    with pytest.warns(UserWarning, match="parts must be"):
+        assert matmul._fitted(t, 2, N, K, torch.float32, cpu) == matmul._picked(t, 2, N, K, 4)
+    rng = np.random.default_rng(5)
+    raw, w = random_weight(fmt, (N, K), rng)
+    x = torch.from_numpy(rng.standard_normal((1, K), dtype=np.float32))
+    got = matmul.linear(x, torch.from_numpy(raw), t, N, K)
+    assert relative_error(got, x.double() @ torch.from_numpy(w).T) < TOLERANCE[torch.float32]
+
+
+def test_tuning_file_that_cannot_be_read_is_named(tuning_file) -> None:
+    from orcd_quant_formats.kernels import tuning
+
+    tuning_file.write_text("{not json")
+    with pytest.raises(ValueError, match="tuned.json"):
+        tuning.table("cpu")
+
+
 @needs_triton
 @pytest.mark.parametrize("bm", [1, 4, 16])
 def test_expert_block_table(bm: int) -> None:

@@ -28,7 +28,7 @@ import math
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -179,6 +179,35 @@ def _moe_grouped(x: torch.Tensor, weight: QuantizedTensor, ids: torch.Tensor) ->
     return out
 
 
+def decode_grid(ggml_type: int, m: int, n: int, k: int, device: torch.device) -> list:
+    """Decode kernel launches to time: (row, part) pairs per thread 4 or 8; a row's lanes in one warp (narrow) or in
+    every warp of the program (wide); each also without split-K where the chosen split would cut K."""
+    from orcd_quant_formats.kernels import matmul
+
+    grid = []
+    for warps in (1, 2, 4, 8):
+        for per_thread in (4, 8):
+            for nb in sorted({32, 32 * warps}):
+                cfg = matmul.Config(bm=m, bn=per_thread * 32 * warps // nb, dot=False, nb=nb, warps=warps,
+                                    parts=matmul.DECODE_PARTS)
+                grid.append(cfg)
+                if matmul._plan(ggml_type, cfg, 1, n, k, device)[0] > 1:
+                    grid.append(replace(cfg, split=1))
+    return grid
+
+
+def _timed_grid(configs: list, default: object, call: Callable[[object], list], repeat: int) -> list[dict]:
+    results = []
+    for cfg in configs:
+        try:
+            seconds, _ = time_calls(call(cfg), repeat)
+        except Exception as e:  # noqa: BLE001 -- the compiler may refuse a configuration (registers, shared memory)
+            results.append({"config": asdict(cfg), "seconds": None, "error": str(e).splitlines()[0][:120]})
+            continue
+        results.append({"config": asdict(cfg), "seconds": seconds, "default": cfg is default})
+    return results
+
+
 def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: torch.device, repeat: int,
           rng: np.random.Generator) -> list[dict]:
     """Seconds per call of every launch configuration in a grid: decode kernel shapes for ``m <= 4``, tl.dot shapes
@@ -191,25 +220,37 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
     x = torch.randn(m, k, device=device, dtype=dtype)
     default = matmul.pick_config(spec, m, n, k, matmul._multiprocessors(device))
     grid = []
-    if m <= matmul.FMA_MAX_ROWS:  # rows per thread, lanes per row (nb), lanes per unit (parts), warps
-        grid += [matmul.Config(bm=m, bn=rows * 32 * warps // nb, dot=False, nb=nb, warps=warps, parts=parts)
-                 for warps in (2, 4) for rows in (4, 8) for nb, parts in ((32, 1), (32, 4), (32, 8), (64, 8))]
+    if m <= matmul.FMA_MAX_ROWS:
+        grid += decode_grid(int(fmt.ggml_type), m, n, k, device)
     if m > 1:
         grid += [matmul.Config(bm=bm, bn=bn, dot=True, nb=nb, warps=warps)
                  for bm, bn in ((16, 64), (32, 64), (64, 64), (64, 128), (128, 128), (128, 256))
                  if bm <= max(16, 2 * m) for nb in (2, 4) for warps in (4, 8)]
         grid.append(matmul.Config(bm=128, bn=128, dot=True, nb=2, warps=8, stages=3))
-    results = []
-    for cfg in [default, *grid]:
-        fns = [lambda w=w, cfg=cfg: matmul.linear(x, w.data, int(fmt.ggml_type), n, k, None, config=cfg)
-               for w in weights]
-        try:
-            seconds, _ = time_calls(fns, repeat)
-        except Exception as e:  # noqa: BLE001 -- the compiler may refuse a configuration (registers, shared memory)
-            results.append({"config": asdict(cfg), "seconds": None, "error": str(e).splitlines()[0][:120]})
-            continue
-        results.append({"config": asdict(cfg), "seconds": seconds, "default": cfg is default})
-    return results
+
+    def calls(cfg: object) -> list:
+        return [lambda w=w: matmul.linear(x, w.data, int(fmt.ggml_type), n, k, None, config=cfg) for w in weights]
+
+    return _timed_grid([default, *grid], default, calls, repeat)
+
+
+def sweep_moe(fmt: QuantFormat, dtype: torch.dtype, device: torch.device, repeat: int,
+              rng: np.random.Generator) -> list[dict]:
+    """The decode grid on one token's top-k experts (``bench_moe``'s setting)."""
+    from orcd_quant_formats.kernels import matmul
+
+    n_expert, n, k = MOE_SHAPE
+    (weight,) = _weights(fmt, MOE_SHAPE, 1, device, rng)
+    ids = [torch.rand(1, n_expert, device=device).topk(MOE_TOP_K, dim=-1).indices for _ in range(16)]
+    x = torch.randn(1, k, device=device, dtype=dtype)
+    ggml_type = int(fmt.ggml_type)
+    default = matmul.pick_config(matmul.SPECS[ggml_type], 1, n, k, matmul._multiprocessors(device))
+
+    def calls(cfg: object) -> list:
+        return [lambda i=i: matmul.expert_linear(x, weight.data, ggml_type, n_expert, n, k, i, config=cfg)
+                for i in ids]
+
+    return _timed_grid([default, *decode_grid(ggml_type, 1, n, k, device)], default, calls, repeat)
 
 
 def run(
@@ -249,6 +290,9 @@ def run(
         if moe and "MXFP4" in by_name:
             for tokens in MOE_TOKENS:
                 rows.append(bench_moe(by_name["MXFP4"], tokens, dtype, dev, repeat, rng))
+            if do_sweep:
+                sweeps.append({"type": "MXFP4", "experts": True, "n": MOE_SHAPE[1], "k": MOE_SHAPE[2], "m": 1,
+                               "results": sweep_moe(by_name["MXFP4"], dtype, dev, repeat, rng)})
     return {
         "device_name": torch.cuda.get_device_name(dev),
         "dtype": str(dtype).removeprefix("torch."),
@@ -256,6 +300,23 @@ def run(
         "rows": [asdict(r) for r in rows],
         "sweeps": sweeps,
     }
+
+
+def tuning_configs(report: dict) -> dict[str, dict]:
+    """The fastest decode launch of each swept shape, keyed as ``orcd_quant_formats.kernels.tuning`` reads them."""
+    from gguf import GGMLQuantizationType
+
+    from orcd_quant_formats.kernels import tuning
+
+    best = {}
+    for s in report["sweeps"]:
+        timed = [x for x in s["results"] if x["seconds"] and not x["config"]["dot"]]
+        if s["m"] > 4 or not timed:
+            continue
+        fastest = min(timed, key=lambda x: x["seconds"])
+        key = tuning.key(int(GGMLQuantizationType[s["type"]]), s["m"], s["n"], s["k"], s.get("experts", False))
+        best[key] = fastest["config"]
+    return best
 
 
 def format_table(report: dict) -> str:
@@ -287,7 +348,8 @@ def format_table(report: dict) -> str:
         ok = sorted((x for x in s["results"] if x["seconds"]), key=lambda x: x["seconds"])
         default = next((x for x in s["results"] if x.get("default")), None)
         rank = ok.index(default) + 1 if default in ok else None
-        lines.append(f"sweep {s['type']} {s['n']}x{s['k']} M={s['m']}: default "
+        kind = " experts" if s.get("experts") else ""
+        lines.append(f"sweep {s['type']}{kind} {s['n']}x{s['k']} M={s['m']}: default "
                      f"{default['seconds'] * 1e6 if default and default['seconds'] else float('nan'):.1f} us "
                      f"(rank {rank} of {len(ok)}); best:")
         for x in ok[:5]:
@@ -313,6 +375,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-moe", action="store_true", help="skip the GPT-OSS mixture-of-experts rows")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of launch configurations")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.add_argument("--tuning-out", metavar="FILE",
+                        help="with --sweep: write the fastest decode launch of each shape as a kernel tuning table "
+                             "(orcd_quant_formats/kernels/tuned/)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,6 +394,10 @@ def run_args(args: argparse.Namespace) -> int:
         ms=[int(m) for m in args.m.split(",")],
         dtype=getattr(torch, args.dtype), repeat=args.repeat, moe=not args.no_moe, do_sweep=args.sweep,
     )
+    if args.tuning_out:
+        from orcd_quant_formats.kernels import tuning
+
+        tuning.write(args.tuning_out, report["device_name"], tuning_configs(report))
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         print()

@@ -99,7 +99,7 @@ class Sequence:
         self.holds_cache = False  # True from admission until its blocks are released
         self.cached_prompt_tokens = 0  # leading prompt tokens whose keys and values came from the prefix cache
         self.sampler: SamplerChain | None = None
-        self.history: torch.Tensor | None = None  # prompt + generated ids on the device, for penalties
+        self.history: torch.Tensor | None = None  # prompt + generated ids on the device, for samplers (not greedy)
         self.added_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -329,8 +329,9 @@ class Engine:
             try:
                 seq.sampler = SamplerChain(self._factories,
                                            seq.request.sampling.model_copy(update={"seed": seq.seed}), self.device)
-                seq.history = torch.zeros(self.n_ctx + 1, dtype=torch.long, device=self.device)
-                seq.history[: seq.n_prompt] = torch.tensor(seq.tokens, dtype=torch.long)
+                if not _is_plain_greedy(seq.sampler):  # plain greedy reads no history: no device write per token
+                    seq.history = torch.zeros(self.n_ctx + 1, dtype=torch.long, device=self.device)
+                    seq.history[: seq.n_prompt] = torch.tensor(seq.tokens, dtype=torch.long)
                 self._hook("request_started", RequestStarted(seq.request_id, seq.n_prompt, time.time()))
                 self._prefill(seq)
             except torch.cuda.OutOfMemoryError as e:
@@ -412,10 +413,10 @@ class Engine:
             raise err from None
 
     def _emit(self, seq: Sequence, token: int, events: list[Event]) -> None:
-        assert seq.history is not None
         n = len(seq.tokens)
         seq.tokens.append(token)
-        seq.history[n] = token
+        if seq.history is not None:
+            seq.history[n] = token
         now = time.perf_counter()
         since = now - (seq.last_token_at if seq.last_token_at is not None else seq.added_at)
         if seq.first_token_at is None:

@@ -36,6 +36,7 @@ BLOCK_N = 64  # keys per loop step
 # head) pairs (Qwen2.5-0.5B: 2 per sequence): unsplit, two programs would each walk the whole context.
 MIN_SPLIT = 128
 TARGET_PROGRAMS = 128  # split the read until about this many programs run (an H100 has 132 SMs)
+WARPS = 4
 
 
 @triton.jit
@@ -178,12 +179,14 @@ def decode_attention(
     window: int | None = None,
     sinks: torch.Tensor | None = None,
     splits: int | None = None,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
+    warps: int | None = None,
 ) -> torch.Tensor:
     """Store ``k``/``v`` ``(B, H_kv, 1, D)`` at each sequence's position in the pools ``(rows, H_kv, D)`` and
     attend ``q`` ``(B, H_q, 1, D)`` over positions ``<= positions[b]`` (``(B, 1)``, device) of the sequence's
     blocks ``tables`` ``(B, n)``; ``kv_length`` bounds every position. Returns ``(B, H_q, 1, D)`` in q's dtype.
-    ``splits`` forces the number of key ranges (tests); by default ``n_splits`` picks it."""
+    ``splits``, ``block_n`` and ``warps`` force the launch (tests, tuning); by default ``n_splits`` picks the number
+    of key ranges, and ``BLOCK_N`` and ``WARPS`` the rest."""
     b, h_q, t, d = q.shape
     h_kv = k.shape[1]
     if t != 1 or h_q % h_kv or k.shape != (b, h_kv, 1, d) or v.shape != k.shape:
@@ -210,8 +213,8 @@ def decode_attention(
         q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1),
         v.stride(3), k_pool.stride(0), k_pool.stride(1), tables.stride(0), tables.stride(1), positions.stride(0),
         *strides,
-        GROUP=group, D=d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
-        HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, SPLIT=splits > 1,
+        GROUP=group, D=d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n or BLOCK_N,
+        HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, SPLIT=splits > 1, num_warps=warps or WARPS,
     )
     if splits > 1:
         _combine_kernel[(b, h_q)](

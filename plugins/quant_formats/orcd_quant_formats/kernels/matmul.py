@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from orcd_quant_formats.kernels import tuning
 from orcd_quant_formats.kernels.common import MAGIC_BITS
 from orcd_quant_formats.kernels.gemv import gemv_kernel
 from orcd_quant_formats.kernels.kquants import q4_k_tile, q5_k_tile, q6_k_tile
@@ -250,9 +251,28 @@ def _picked(ggml_type: int, rows: int, N: int, K: int, multiprocessors: int) -> 
 
 
 @functools.lru_cache(maxsize=4096)
-def _fitted(ggml_type: int, rows: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> Config:
-    cfg = _picked(ggml_type, rows, N, K, _multiprocessors(device))
+def _fitted(ggml_type: int, rows: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
+            experts: bool = False) -> Config:
+    """The launch for this shape: the measured one where the device's tuning table has it (decode), else the rule's,
+    shrunk to the device's shared memory."""
+    cfg = _tuned(ggml_type, rows, N, K, device, experts) or _picked(ggml_type, rows, N, K, _multiprocessors(device))
     return fit_shared_memory(cfg, SPECS[ggml_type], dtype.itemsize, _shared_memory(device))
+
+
+def _tuned(ggml_type: int, rows: int, N: int, K: int, device: torch.device, experts: bool) -> Config | None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    entry = tuning.table(name).get(tuning.key(ggml_type, rows, N, K, experts))
+    if entry is None:
+        return None
+    try:
+        cfg = Config(**entry)
+        if cfg.dot or cfg.bm != rows:
+            raise ValueError("not a decode launch for this many rows")
+        _checked(SPECS[ggml_type], cfg, K)
+    except (TypeError, ValueError) as e:
+        warnings.warn(f"kernel tuning entry {tuning.key(ggml_type, rows, N, K, experts)} ignored: {e}", stacklevel=3)
+        return None
+    return cfg
 
 
 _SM_COUNT: dict[torch.device, int] = {}
@@ -499,7 +519,7 @@ def expert_linear(
         raise ValueError(f"{P} expert ids for {x2.shape[0]} rows of x ({per_row} per row)")
     if P == 0:
         return x.new_empty(0, N)
-    cfg = config or _fitted(ggml_type, math.ceil(P / min(n_expert, P)), N, K, x.dtype, x.device)
+    cfg = config or _fitted(ggml_type, math.ceil(P / min(n_expert, P)), N, K, x.dtype, x.device, experts=True)
     table = pair_blocks(ids) if cfg.bm == 1 else expert_blocks(ids, n_expert, cfg.bm)
     flat = ids.reshape(-1).long() if bias is not None else None
     return _launch(x2, data, ggml_type, N, K, bias, cfg, table[0].numel(), P, grouped=table, x_div=per_row,
