@@ -153,6 +153,24 @@ def test_interpreted_experts(formats: dict[str, QuantFormat], name: str, path: s
         torch.testing.assert_close(pairs, got, rtol=0, atol=0)
 
 
+@needs_triton
+@pytest.mark.parametrize(("name", "K"), [("Q5_0", 896), ("Q8_0", 2880), ("MXFP4", 2880), ("Q4_K", 3072),
+                                         ("Q6_K", 4864), ("Q4_K", 8192), ("Q8_0", 14336)])
+def test_decode_rule_crosses_k_in_few_steps(name: str, K: int) -> None:
+    """The decode rule spreads a row over enough warps (at most 8) to cross K in about ``DECODE_STEPS`` steps, so
+    no split-K reduction is planned for it, whatever N."""
+    matmul = matmul_module()
+    t = int(T[name])
+    spec = matmul.SPECS[t]
+    n_parts = K // spec.unit(False) * matmul.DECODE_PARTS
+    for N in (128, 896, 5120, 151936):
+        cfg = matmul.pick_config(spec, 1, N, K)
+        steps = -(-n_parts // cfg.nb)
+        assert cfg.nb == 32 * cfg.warps and cfg.warps <= matmul.MAX_DECODE_WARPS
+        assert steps <= matmul.DECODE_STEPS or cfg.warps == matmul.MAX_DECODE_WARPS, (N, cfg)
+        assert matmul._plan(t, cfg, 1, N, K, torch.device("cpu"))[0] == 1 or steps > 3, (N, cfg)
+
+
 @pytest.fixture
 def tuning_file(tmp_path, monkeypatch: pytest.MonkeyPatch):
     """A kernel tuning table in ``$ORCD_KERNEL_TUNING``, with the launch caches cleared around the test."""

@@ -200,7 +200,9 @@ def qmm_kernel(
 FMA_MAX_ROWS = 4  # up to this many x rows per weight block: the decode kernel; more: tl.dot
 PROGRAMS_PER_SM = 4  # split K until the grid has about this many programs per multiprocessor
 DECODE_PARTS = 4  # lanes per unit in the decode kernel
-DECODE_ROWS = 8  # weight rows per thread in the decode kernel
+DECODE_ROWS = 8  # weight rows per thread (and per program) in the decode kernel
+DECODE_STEPS = 2  # K steps a decode program aims for (see pick_config)
+MAX_DECODE_WARPS = 8
 MIN_STEPS_PER_SPLIT = 2
 
 
@@ -228,18 +230,19 @@ def _pow2_at_least(n: int) -> int:
 def pick_config(spec: Spec, rows: int, N: int, K: int, multiprocessors: int = 132) -> Config:
     """The launch for ``rows`` rows of x per block of work (all of x, or one expert's pairs).
 
-    Decode: units are cut into ``DECODE_PARTS`` parts, a warp's 32 lanes take 32 consecutive parts of a row, and
-    each thread holds ``DECODE_ROWS`` rows of its part, so that the x values it loads serve that many weight rows;
-    the number of warps per program (1, 2 or 4) grows with N so that small matrices still spread over the device
-    (split-K does the rest).
+    Decode: units are cut into ``DECODE_PARTS`` parts (one lane each) and every lane of the program works on the
+    same ``DECODE_ROWS`` weight rows, a row's parts spread over all its warps (``nb`` = 32 lanes x warps), so that
+    the x values a thread loads serve that many rows. The warps (1 to 8) are as many as let a program cross ``K``
+    in about ``DECODE_STEPS`` steps: a decode program is a chain of dependent loads, one memory latency per step,
+    and a matrix is read fastest when many short chains are in flight at once. (One warp per row, the earlier
+    rule, left GPT-OSS's 2880-wide rows 12 steps long and an H100 a few warps per multiprocessor.) With so few
+    steps, split-K (``_plan``) rarely pays for its extra reduction.
     tl.dot: 2 units per iteration (one unit makes a degenerate ``(BN, 1)`` layout that the compiler moves through
     shared memory)."""
     if rows <= FMA_MAX_ROWS:
-        target = PROGRAMS_PER_SM * multiprocessors
-        warps = 4
-        while warps > 1 and triton.cdiv(N, DECODE_ROWS * warps) < target:
-            warps //= 2
-        return Config(bm=rows, bn=DECODE_ROWS * warps, dot=False, nb=32, warps=warps, parts=DECODE_PARTS)
+        n_parts = K // spec.unit(False) * DECODE_PARTS
+        warps = min(MAX_DECODE_WARPS, _pow2_at_least(triton.cdiv(n_parts, 32 * DECODE_STEPS)))
+        return Config(bm=rows, bn=DECODE_ROWS, dot=False, nb=32 * warps, warps=warps, parts=DECODE_PARTS)
     bm = min(128, max(16, _pow2_at_least(rows)))
     bn = 64 if bm <= 64 else 128
     return Config(bm=bm, bn=bn, dot=True, nb=2, warps=8 if bm * bn >= 128 * 128 else 4, stages=2)
