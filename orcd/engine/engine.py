@@ -123,7 +123,9 @@ class Engine:
     n_ctx``, every sequence its whole context); requests wait while it cannot promise their blocks.
     ``prefix_cache``: reuse the blocks of prompt prefixes seen before. ``cuda_graphs``: replay the decode step
     from CUDA graphs on a CUDA device (ignored elsewhere). ``static_shapes``: run the decode step at the graphs'
-    bucketed fixed shapes even without graphs (what the CPU tests check against the eager step).
+    bucketed fixed shapes even without graphs (what the CPU tests check against the eager step). ``overlap``
+    (default: on CUDA): while a step's greedy tokens are read on the host, the next step already runs on the device
+    (see ``step``).
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class Engine:
         prefix_cache: bool = True,
         cuda_graphs: bool = False,
         static_shapes: bool = False,
+        overlap: bool | None = None,
     ) -> None:
         if max_batch < 1:
             raise InvalidRequest(f"max_batch must be at least 1, got {max_batch}", field="max_batch")
@@ -169,6 +172,8 @@ class Engine:
         self.cache = PagedKVCache.for_model(config, pool_tokens, self.device, block_size=block_size,
                                             prefix_cache=prefix_cache, scratch_block=static)
         self.static = StaticDecode(self.model, self.cache, max_batch, self.n_ctx, capture) if static else None
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._launched: _Launched | None = None  # a greedy forward on the device whose tokens are not read yet
         self.vocab_size = config.vocab_size
         self.default_stop_ids = set(self.tokenizer.eot_ids) if self.tokenizer is not None else set()
         self._factories = plugins.sampler_factories()
@@ -230,18 +235,38 @@ class Engine:
         """Apply cancellations, admit and prefill waiting requests, then one batched forward that advances every
         active sequence by one token. A failed forward (``OrcdError``, e.g. ``VRAM_OOM``) ends the sequences in
         it with that error and frees their blocks; a sampler failing for one sequence ends that one only. The
-        engine keeps serving."""
+        engine keeps serving.
+
+        With ``overlap``, a batch of plain greedy sequences keeps the device one step ahead of the host: the
+        forward of step n + 1 is launched with step n's tokens straight from the device (their argmax) before the
+        host reads them, so the host's work on step n (syncing, text, stop rules, events) runs while the device
+        computes step n + 1. A call then returns step n's tokens and leaves step n + 1 in flight, while nothing would
+        change the batch: no cancellation or admissible request waits, and no sequence is at its last token by
+        ``max_tokens`` or the context. A sequence that ends at step n by a stop token or string had its row of step
+        n + 1 computed anyway (it wrote the true key and value of its last token into its own block); that row is
+        dropped. Cancellations and new requests are taken at the first call with nothing in flight, one step later
+        than without ``overlap``."""
         events: list[Event] = []
-        self._apply_cancellations(events)
-        self._admit(events)
-        if self._active:
+        launched, self._launched = self._launched, None
+        if launched is not None and not any(s in self._active for s in launched.seqs):
+            launched = None  # every sequence of it ended at the step before: nothing to read
+        if launched is None:
+            self._apply_cancellations(events)
+            self._admit(events)
+            if not self._active:
+                return events
             seqs = list(self._active)
             try:
                 logits = self._forward_last_tokens(seqs)
             except OrcdError as e:
                 self._fail(seqs, e, events)
                 return events
-            self._sample_all(seqs, logits, events)
+            if not self.overlap or not all(_is_plain_greedy(s.sampler) for s in seqs):
+                self._sample_all(seqs, logits, events)
+                return events
+            launched = _Launched(seqs, self._argmax(logits))
+        self._launched = self._chain(launched)
+        self._read(launched, events)
         return events
 
     def warm_up(self, prompt_tokens: int = PREFILL_CHUNK + 1) -> float:
@@ -356,16 +381,22 @@ class Engine:
             blocks.commit(seq.seq_id, seq.tokens, stop)
 
     # --- the batched step ----------------------------------------------------------------------------------------
-    def _forward_last_tokens(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _forward_last_tokens(self, seqs: list[Sequence], ahead: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of each sequence's next token from its latest one; with ``ahead`` (the device tokens of a step
+        whose tokens the host has not read yet) from those, one position further."""
         blocks = self.cache.blocks
-        last = [seq.tokens[-1] for seq in seqs]
-        pos = [len(seq.tokens) - 1 for seq in seqs]
+        last = [seq.tokens[-1] for seq in seqs] if ahead is None else [0] * len(seqs)
+        pos = [len(seq.tokens) - (1 if ahead is None else 0) for seq in seqs]
         for seq, p in zip(seqs, pos):
             blocks.grow(seq.seq_id, p + 1)
         if self.static is not None:
             static = self.static
-            return self._guard_oom(lambda: static.run(last, pos, [blocks.table(s.seq_id) for s in seqs]), len(seqs), 1)
-        tokens = torch.tensor(last, dtype=torch.long, device=self.device).unsqueeze(1)
+            return self._guard_oom(lambda: static.run(last, pos, [blocks.table(s.seq_id) for s in seqs], ahead),
+                                   len(seqs), 1)
+        if ahead is not None:
+            tokens = ahead.unsqueeze(1)
+        else:
+            tokens = torch.tensor(last, dtype=torch.long, device=self.device).unsqueeze(1)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device).unsqueeze(1)
         ids = [seq.seq_id for seq in seqs]
         batch = ForwardBatch(tokens, positions, self.cache, ids, kv_length=max(pos) + 1, starts=pos,
@@ -382,6 +413,50 @@ class Engine:
         except torch.cuda.OutOfMemoryError as e:
             raise VramOOM(f"the GPU ran out of memory in a forward over {n_seqs} sequence(s) of "
                           f"{n_tokens} token(s): {e}") from None
+
+    # --- overlap: the device one step ahead ----------------------------------------------------------------------
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, : self.vocab_size].argmax(dim=-1)
+
+    def _may_chain(self, seqs: list[Sequence]) -> bool:
+        """Nothing would change the batch after this step: the same sequences, none at its last token, no
+        cancellation and no request that could be admitted waiting."""
+        with self._lock:
+            if self._cancel or (self._waiting and len(self._active) < self.max_batch):
+                return False
+        if len(seqs) != len(self._active) or any(a is not b for a, b in zip(seqs, self._active)):
+            return False
+        # step n's token is the (n_generated + 1)-th; a step after it needs one more, and a position in the context
+        return all(s.n_generated + 2 <= s.request.max_tokens and len(s.tokens) < self.n_ctx for s in seqs)
+
+    def _chain(self, launched: _Launched) -> _Launched | None:
+        """Launch the step after ``launched`` from its device tokens, where ``_may_chain``; else ``None``. A launch
+        that fails here is left to the next call's ordinary step, which reports its error."""
+        if not self._may_chain(launched.seqs):
+            return None
+        try:
+            logits = self._forward_last_tokens(launched.seqs, ahead=launched.tokens)
+        except OrcdError as e:
+            log.debug("no step ahead: %s", e.message)
+            return None
+        return _Launched(launched.seqs, self._argmax(logits))
+
+    def _read(self, launched: _Launched, events: list[Event]) -> None:
+        """Bring ``launched``'s tokens to the host (waiting for that step only) and emit them; rows of sequences
+        that ended at the step before are dropped."""
+        try:
+            tokens = launched.tokens.tolist()
+        except Exception as e:  # the step failed on the device: its sequences end, nothing runs after it
+            self._launched = None
+            self._fail([s for s in launched.seqs if s in self._active],
+                       to_orcd_error(e, self.device, "the decode step"), events)
+            return
+        for seq, token in zip(launched.seqs, tokens):
+            if seq not in self._active:
+                continue
+            self._emit(seq, token, events)
+            if seq.holds_cache:
+                self.cache.blocks.commit(seq.seq_id, seq.tokens, len(seq.tokens) - 1)
 
     def _sample_all(self, seqs: list[Sequence], logits: torch.Tensor, events: list[Event]) -> None:
         """One token per sequence. Plain greedy rows (no sampler in their chain) share one argmax and one copy
@@ -486,6 +561,15 @@ class Engine:
                 impl.function(event=event)
             except Exception:
                 log.exception("metrics hook %s of plugin %r raised", name, impl.plugin_name)
+
+
+@dataclass
+class _Launched:
+    """A batched forward of plain greedy sequences on the device; ``tokens`` (one per row, on the device) are
+    their argmax, not read by the host yet."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor
 
 
 def _is_plain_greedy(chain: SamplerChain | None) -> bool:

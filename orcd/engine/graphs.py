@@ -87,13 +87,17 @@ class StaticDecode:
 
     # --- the step ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]],
+            device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(len(tokens), vocab)`` of one new token per sequence: ``tokens[i]`` at ``positions[i]`` of the
-        sequence whose blocks are ``tables[i]`` (holding that position). The tensor is reused by the next call."""
+        sequence whose blocks are ``tables[i]`` (holding that position). ``device_tokens`` (``(n,)`` on the device)
+        replaces ``tokens``, without the host reading it. The tensor is reused by the next call."""
         n = len(tokens)
         bucket = self._bucket(self.batch_bucket(n))
         width = self.length_bucket(max(p // self.block_size + 1 for p in positions))
         self._write_inputs(bucket, tokens, positions, tables, width)
+        if device_tokens is not None:
+            bucket.inputs[0, :n].copy_(device_tokens)  # after the host copy, in stream order
         key = (bucket.size, width)
         graph = self._graphs.get(key)
         if graph is None and self._capturable(bucket.size):
