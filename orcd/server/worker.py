@@ -4,7 +4,8 @@ HTTP handlers run on uvicorn's event loop; the model runs on a single engine thr
 while there is work. They meet in two places only:
 
 * ``Worker.submit`` / ``Worker.cancel`` (called from the loop) change the queue and the jobs' cancel flags under
-  one condition variable; the engine thread reads them between steps, so a cancel takes effect within one step.
+  one condition variable; the engine thread reads them between steps, so a cancel takes effect within one step
+  (two where the engine runs a step ahead on the GPU: ``Engine.step``).
 * Each job carries an ``asyncio.Queue`` owned by the handler's loop; the engine thread hands it events with
   ``loop.call_soon_threadsafe``. The handler turns those events into SSE (worker API) or OpenAI chunks.
 
