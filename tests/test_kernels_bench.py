@@ -32,6 +32,35 @@ def test_table_arithmetic() -> None:
     assert lines[7].split()[0] == "2.0" and "failed {'bn': 64}: out of resources" in lines[9]
 
 
+def test_tuning_table_from_sweeps(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--tuning-out`` keeps the fastest decode launch of each decode sweep (experts keyed apart), ignores tl.dot
+    launches and batch sweeps, and writes what ``kernels/tuning.py`` reads back."""
+    from orcd_quant_formats.kernels import tuning
+
+    def cfg(bn: int, dot: bool = False, bm: int = 1) -> dict:
+        return {"bm": bm, "bn": bn, "dot": dot, "nb": 64, "split": 0, "warps": 2, "stages": 2, "parts": 4}
+
+    results = [{"config": cfg(8), "seconds": 3e-6, "default": True}, {"config": cfg(16), "seconds": 2e-6},
+               {"config": cfg(64, dot=True), "seconds": 1e-6}, {"config": cfg(4), "seconds": None, "error": "x"}]
+    report = {"device_name": "Test GPU 80GB", "sweeps": [
+        {"type": "Q4_K", "n": 896, "k": 4864, "m": 1, "results": results},
+        {"type": "MXFP4", "experts": True, "n": 2880, "k": 2880, "m": 1, "results": results[:1]},
+        {"type": "Q8_0", "n": 896, "k": 896, "m": 512, "results": [{"config": cfg(64, True, 64), "seconds": 1e-5}]},
+    ]}
+    best = kernels.tuning_configs(report)
+    assert best == {"Q4_K:1:896x4864": cfg(16), "MXFP4:1:2880x2880:experts": cfg(8)}
+    path = tmp_path / "t.json"
+    tuning.write(path, report["device_name"], best)
+    monkeypatch.setenv(tuning.ENV, str(path))
+    tuning.table.cache_clear()
+    try:
+        assert tuning.table("any") == best
+    finally:
+        monkeypatch.delenv(tuning.ENV)
+        tuning.table.cache_clear()
+    assert tuning.device_file("NVIDIA H100 80GB HBM3").name == "NVIDIA_H100_80GB_HBM3.json"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_short_run_on_cuda() -> None:
