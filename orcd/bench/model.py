@@ -64,13 +64,15 @@ def _load(path: str, device: str, plugins) -> object:
     return _LOADED[key]
 
 
-def engine_options(device: str, graphs: bool) -> dict:
-    """No prefix cache (repeats of one prompt would hit it and time nothing); CUDA graphs on a GPU unless off."""
-    return {"prefix_cache": False, "cuda_graphs": graphs and device.startswith("cuda")}
+def engine_options(device: str, graphs: bool, overlap: bool = True) -> dict:
+    """No prefix cache (repeats of one prompt would hit it and time nothing); CUDA graphs and the step ahead
+    (``Engine(overlap=...)``) on a GPU unless off."""
+    cuda = device.startswith("cuda")
+    return {"prefix_cache": False, "cuda_graphs": graphs and cuda, "overlap": overlap and cuda}
 
 
 def bench_orcd(path: str, device: str, prompt_tokens: int, decode_tokens: int, repeat: int,
-               graphs: bool = True) -> ModelResult:
+               graphs: bool = True, overlap: bool = True) -> ModelResult:
     from orcd.engine import Engine, FinishEvent, GenerationRequest
     from orcd.plugins import get_plugin_manager
     from orcd.sampling import SamplingParams
@@ -82,7 +84,7 @@ def bench_orcd(path: str, device: str, prompt_tokens: int, decode_tokens: int, r
     loaded = _load(path, device, plugins)
     ids = random_prompt(loaded.tokenizer, prompt_tokens)
     engine = Engine(loaded, plugins, max_batch=1, n_ctx=prompt_tokens + decode_tokens,
-                    **engine_options(device, graphs))
+                    **engine_options(device, graphs, overlap))
     memory = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
     best: FinishEvent | None = None
     for i in range(repeat + 1):  # the first run warms up (allocator, kernels, autotuning)
@@ -101,7 +103,7 @@ def bench_orcd(path: str, device: str, prompt_tokens: int, decode_tokens: int, r
 
 
 def bench_orcd_streams(path: str, device: str, prompt_tokens: int, decode_tokens: int, streams: int,
-                       graphs: bool = True) -> ModelResult:
+                       graphs: bool = True, overlap: bool = True) -> ModelResult:
     """``streams`` requests decoding together: aggregate decode tokens/s once all have their first token."""
     from orcd.engine import Engine, FinishEvent, GenerationRequest, TokenEvent
     from orcd.plugins import get_plugin_manager
@@ -110,7 +112,7 @@ def bench_orcd_streams(path: str, device: str, prompt_tokens: int, decode_tokens
     plugins = get_plugin_manager()
     loaded = _load(path, device, plugins)
     engine = Engine(loaded, plugins, max_batch=streams, n_ctx=prompt_tokens + decode_tokens,
-                    **engine_options(device, graphs))
+                    **engine_options(device, graphs, overlap))
     best = None
     for i in range(2):  # a warm-up round, then the measured one
         for n in range(streams):
@@ -260,6 +262,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=2, help="timed runs after one warm-up (the best is reported)")
     p.add_argument("--no-cuda-graphs", dest="graphs", action="store_false", help="decode eagerly on CUDA")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="read every step's tokens before launching the next (no step ahead)")
     p.add_argument("--streams", default="1", help="comma-separated concurrent stream counts for orcd, e.g. 1,8,32")
     p.add_argument("--peer", default="llama.cpp",
                    help="peers measured in the same run: llama.cpp, transformers, both comma-separated, or none")
@@ -268,11 +272,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_args(args: argparse.Namespace) -> int:
-    results = [bench_orcd(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeat, args.graphs)]
+    results = [bench_orcd(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeat, args.graphs,
+                          args.overlap)]
     for n in (int(x) for x in args.streams.split(",")):
         if n > 1:
             results.append(bench_orcd_streams(args.model, args.device, args.prompt_tokens, args.decode_tokens, n,
-                                              args.graphs))
+                                              args.graphs, args.overlap))
     peers = [p for p in args.peer.split(",") if p and p != "none"]
     if peers:
         from orcd.modelfile import ModelFile

@@ -40,7 +40,7 @@ def _short(name: str, width: int = 90) -> str:
 
 
 def profile_decode(path: str, device: str, prompt_tokens: int, steps: int, streams: int, graphs: bool,
-                   warmup_steps: int = 8) -> StepProfile:
+                   overlap: bool = True, warmup_steps: int = 8) -> StepProfile:
     from torch.profiler import ProfilerActivity, profile
 
     from orcd.bench.model import engine_options, random_prompt
@@ -53,7 +53,7 @@ def profile_decode(path: str, device: str, prompt_tokens: int, steps: int, strea
     loaded = load_model(path, device=device, plugins=plugins)
     max_tokens = warmup_steps + steps + 2
     engine = Engine(loaded, plugins, max_batch=streams, n_ctx=prompt_tokens + max_tokens,
-                    **engine_options(device, graphs))
+                    **engine_options(device, graphs, overlap))
     for n in range(streams):
         engine.add_request(GenerationRequest(
             request_id=f"p{n}", prompt_ids=random_prompt(loaded.tokenizer, prompt_tokens, seed=n),
@@ -113,12 +113,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=1, help="sequences decoding together")
     p.add_argument("--top", type=int, default=25, help="kernels listed")
     p.add_argument("--no-cuda-graphs", dest="graphs", action="store_false", help="decode eagerly on CUDA")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false", help="no step ahead (Engine(overlap=False))")
 
 
 def run_args(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.streams < 1:
         raise SystemExit("--steps and --streams must be at least 1")
-    result = profile_decode(args.model, args.device, args.prompt_tokens, args.steps, args.streams, args.graphs)
+    result = profile_decode(args.model, args.device, args.prompt_tokens, args.steps, args.streams, args.graphs,
+                            args.overlap)
     print(format_profile(result, args.model, args.top))
     return 0
 
