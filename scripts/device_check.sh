@@ -49,6 +49,21 @@ for step in "$@"; do
         CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install --no-build-isolation --no-deps --no-index --target /tmp/site . \
         > "$OUT/llama-build.log" 2>&1) || tail -n 20 "$OUT/llama-build.log"
       python3 -c 'import llama_cpp; print("llama_cpp", llama_cpp.__version__)' ;;
+    build-llama-bg)  # the same build in the background on cores 2-15 (run this script under taskset -c 0,1), so
+      # the steps after it measure while it compiles; wait-llama waits for it and puts it on PYTHONPATH
+      repo=$PWD
+      setsid nohup taskset -c 2-15 bash -c "cd /tmp && tar xzf '$repo/.peer/llama-cpp-python-trim.tar.gz' && \
+        cd llama_cpp_python-* && python3 -m pip install -q --no-index --no-deps --target /tmp/llama-site \
+        '$repo'/.peer/diskcache-*.whl && CMAKE_ARGS='-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF' CMAKE_BUILD_PARALLEL_LEVEL=14 python3 -m pip install \
+        --no-build-isolation --no-deps --no-index --target /tmp/llama-site . > /tmp/llama-build.log 2>&1; \
+        echo rc=\$? >> /tmp/llama-build.log" > /dev/null 2>&1 < /dev/null &
+      echo "llama.cpp build started in the background" ;;
+    wait-llama)
+      for _ in $(seq 120); do grep -q '^rc=' /tmp/llama-build.log 2>/dev/null && break; sleep 5; done
+      tail -n 3 /tmp/llama-build.log; cp /tmp/llama-build.log "$OUT/" 2>/dev/null
+      export PYTHONPATH=$PYTHONPATH:/tmp/llama-site
+      python3 -c 'import llama_cpp; print("llama_cpp", llama_cpp.__version__)' ;;
     bench-*)  # bench-ARCH:PRESET:TYPE (after synth-...); BENCH_ARGS adds e.g. --streams 1,8,32 --peer llama.cpp
       IFS=: read -r arch preset ftype <<< "${step#bench-}"
       timeout "${STEP_TIMEOUT:-540}" python3 -m orcd.cli bench model --model "$models/$arch-$preset-$ftype.gguf" --device cuda \
