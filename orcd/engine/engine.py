@@ -244,8 +244,8 @@ class Engine:
         change the batch: no cancellation or admissible request waits, and no sequence is at its last token by
         ``max_tokens`` or the context. A sequence that ends at step n by a stop token or string had its row of step
         n + 1 computed anyway (it wrote the true key and value of its last token into its own block); that row is
-        dropped. Cancellations and new requests are taken at the first call with nothing in flight, one step later
-        than without ``overlap``."""
+        dropped. A sequence cancelled before the call gets no token from it and ends in it, as without ``overlap``;
+        new requests join at the first call with nothing in flight, one step later than without it."""
         events: list[Event] = []
         launched, self._launched = self._launched, None
         if launched is not None and not any(s in self._active for s in launched.seqs):
@@ -267,6 +267,8 @@ class Engine:
             launched = _Launched(seqs, self._argmax(logits))
         self._launched = self._chain(launched)
         self._read(launched, events)
+        if self._launched is None:
+            self._apply_cancellations(events)  # cancelled while in flight: their tokens were not emitted
         return events
 
     def warm_up(self, prompt_tokens: int = PREFILL_CHUNK + 1) -> float:
@@ -451,8 +453,10 @@ class Engine:
             self._fail([s for s in launched.seqs if s in self._active],
                        to_orcd_error(e, self.device, "the decode step"), events)
             return
+        with self._lock:
+            cancelled = set(self._cancel)
         for seq, token in zip(launched.seqs, tokens):
-            if seq not in self._active:
+            if seq not in self._active or seq.request_id in cancelled:
                 continue
             self._emit(seq, token, events)
             if seq.holds_cache:
