@@ -205,6 +205,41 @@ def test_graphs_with_gpt_oss(synth_model, pm, recorder):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("arch,file_type", [("qwen2", "Q4_K_M"), ("gpt-oss", "MXFP4")])
+def test_step_ahead_in_graphs_gives_the_plain_steps_tokens(synth_model, arch, file_type):
+    """Plain greedy sequences (no sampler: the engine runs a step ahead, feeding each graph replay the previous
+    step's argmax on the device) produce the tokens of the same engine reading every step (``overlap=False``),
+    with sequences joining and leaving, one of them ending by a stop token."""
+    plugins = make_plugin_manager()
+    loaded = load_model(synth_model(arch, file_type), "cuda", plugins)
+    prompts = {k: ids(loaded, 60 + i, n) for i, (k, n) in enumerate({"a": 20, "b": 5, "c": 33, "d": 130}.items())}
+    plain_req = lambda k, n, stop=frozenset(): GenerationRequest(  # noqa: E731
+        request_id=k, prompt_ids=prompts[k], max_tokens=n, sampling=SamplingParams(temperature=0.0),
+        stop_token_ids=set(stop))
+
+    def run(overlap: bool, stop: frozenset) -> dict[str, list[int]]:
+        engine = Engine(loaded, plugins, max_batch=4, n_ctx=192, cuda_graphs=True, overlap=overlap)
+        got: dict[str, list[int]] = {k: [] for k in prompts}
+        schedule = {0: [("a", 24), ("b", 6)], 3: [("c", 10, stop)], 4: [("d", 8)]}
+        step = 0
+        while step <= max(schedule) or engine.has_work():
+            for args in schedule.get(step, []):
+                engine.add_request(plain_req(*args))
+            for e in engine.step():
+                if isinstance(e, TokenEvent):
+                    got[e.request_id].append(e.token_id)
+            step += 1
+        assert engine.cache.blocks.available == engine.cache.n_blocks
+        return got
+
+    first = run(False, frozenset())
+    stop = frozenset({first["c"][4]})  # c ends at its fifth token (or earlier, where that token came before)
+    want = run(False, stop)
+    assert len(want["c"]) <= 5
+    assert run(True, stop) == want
+
+
+@pytest.mark.gpu
 def test_replays_allocate_nothing_and_are_faster(synth_model, pm):
     """After the first step of a bucket (capture), steps of that bucket leave the allocated memory where it was;
     and the replayed step is timed against the eager one (printed: for the lead's notes)."""
