@@ -75,3 +75,26 @@ def test_short_run_on_cuda() -> None:
     assert all(r["fused_s"] and r["fused_s"] > 0 and r["reference_s"] > 0 for r in rows)
     assert report["copy_gbps"] > 100
     print(kernels.format_table(report))
+
+
+def test_model_projections_are_what_the_decode_step_launches(synth_model, plugins) -> None:
+    """``--model``: the quantized linears as the architecture builds them (stacked QKV and gate|up), once per
+    distinct shape, and the expert tensors of a mixture of experts; F32 tensors (no fused kernel) left out."""
+    import torch
+
+    from orcd.loader import load_model
+    from orcd.quant import QuantizedLinear
+
+    path = synth_model("qwen2", "Q8_0")
+    linears, experts = kernels.model_projections(str(path), torch.device("cpu"), plugins)
+    built = load_model(path, plugins=plugins).module
+    expected = {(m.weight.fmt.name, *m.weight.shape) for m in built.modules() if isinstance(m, QuantizedLinear)
+                and m.weight.fmt.name != "F32"}
+    assert set(linears) == expected and len(linears) == len(expected) and experts == []
+    c = load_model(path, plugins=plugins).config
+    qkv = (c.head_count + 2 * c.head_count_kv) * c.head_dim
+    assert ("Q8_0", qkv, c.embedding_length) in linears  # stacked Q, K and V
+
+    linears, experts = kernels.model_projections(str(synth_model("gpt-oss", "MXFP4")), torch.device("cpu"), plugins)
+    assert {name for name, _ in experts} == {"MXFP4"} and len(experts) >= 1
+    assert all(len(shape) == 3 for _, shape in experts)

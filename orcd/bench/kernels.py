@@ -130,11 +130,11 @@ def bench_linear(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, d
 
 
 def bench_moe(fmt: QuantFormat, tokens: int, dtype: torch.dtype, device: torch.device, repeat: int,
-              rng: np.random.Generator) -> Row:
+              rng: np.random.Generator, shape: tuple[int, int, int] = MOE_SHAPE) -> Row:
     from orcd_quant_formats.kernels import expert_linear
 
-    n_expert, n, k = MOE_SHAPE
-    (weight,) = _weights(fmt, MOE_SHAPE, 1, device, rng)
+    n_expert, n, k = shape
+    (weight,) = _weights(fmt, shape, 1, device, rng)
     calls = 16  # different expert choices per call, so the chosen experts are not all in L2
     ids = [torch.rand(tokens, n_expert, device=device).topk(MOE_TOP_K, dim=-1).indices for _ in range(calls)]
     x = torch.randn(tokens, k, device=device, dtype=dtype)
@@ -235,12 +235,12 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
 
 
 def sweep_moe(fmt: QuantFormat, dtype: torch.dtype, device: torch.device, repeat: int,
-              rng: np.random.Generator) -> list[dict]:
+              rng: np.random.Generator, shape: tuple[int, int, int] = MOE_SHAPE) -> list[dict]:
     """The decode grid on one token's top-k experts (``bench_moe``'s setting)."""
     from orcd_quant_formats.kernels import matmul
 
-    n_expert, n, k = MOE_SHAPE
-    (weight,) = _weights(fmt, MOE_SHAPE, 1, device, rng)
+    n_expert, n, k = shape
+    (weight,) = _weights(fmt, shape, 1, device, rng)
     ids = [torch.rand(1, n_expert, device=device).topk(MOE_TOP_K, dim=-1).indices for _ in range(16)]
     x = torch.randn(1, k, device=device, dtype=dtype)
     ggml_type = int(fmt.ggml_type)
@@ -251,6 +251,29 @@ def sweep_moe(fmt: QuantFormat, dtype: torch.dtype, device: torch.device, repeat
                 for i in ids]
 
     return _timed_grid([default, *decode_grid(ggml_type, 1, n, k, device)], default, calls, repeat)
+
+
+def model_projections(path: str, device: torch.device, plugins: OrcdPluginManager
+                      ) -> tuple[list[tuple[str, int, int]], list[tuple[str, tuple[int, int, int]]]]:
+    """The quantized projections a model file's decode step launches, as the architecture builds them (fused QKV and
+    gate|up included): distinct ``(type, N, K)`` of its linears and ``(type, (experts, N, K))`` of its expert
+    tensors, in model order."""
+    from orcd.loader import load_model
+
+    module = load_model(path, device=device, plugins=plugins).module
+    linears: dict[tuple[str, int, int], None] = {}
+    experts: dict[tuple[str, tuple[int, int, int]], None] = {}
+    for sub in module.modules():
+        weight = getattr(sub, "weight", None)
+        if not isinstance(weight, QuantizedTensor) or type(weight.fmt).linear is QuantFormat.linear:  # no fused kernel
+            continue
+        if len(weight.shape) == 2:
+            linears[(weight.fmt.name, *weight.shape)] = None
+        elif len(weight.shape) == 3:
+            experts[(weight.fmt.name, tuple(weight.shape))] = None
+    del module
+    torch.cuda.empty_cache()
+    return list(linears), list(experts)
 
 
 def run(
@@ -264,35 +287,40 @@ def run(
     plugins: OrcdPluginManager | None = None,
     device: str = "cuda",
     seed: int = 0,
+    model: str | None = None,
 ) -> dict:
+    """Every format in ``types`` at every shape in ``shapes`` (and GPT-OSS's expert tensor, with ``moe``); or, with
+    ``model`` (a GGUF file), exactly the projections that model's decode step launches."""
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError("the kernel benchmark needs a CUDA device")
     plugins = plugins or get_plugin_manager()
     by_name = {f.name: f for f in plugins.quant_formats.values()}
-    missing = [t for t in types if t not in by_name]
-    if missing:
-        raise ValueError(f"no registered format for {', '.join(missing)}")
+    if model is not None:
+        linears, experts = model_projections(model, dev, plugins)
+    else:
+        missing = [t for t in types if t not in by_name]
+        if missing:
+            raise ValueError(f"no registered format for {', '.join(missing)}")
+        linears = [(name, n, k) for name in types for n, k in shapes if k % by_name[name].block_size == 0]
+        experts = [("MXFP4", MOE_SHAPE)] if moe and "MXFP4" in by_name else []
     rng = np.random.default_rng(seed)
     copy_gbps = copy_bandwidth(dev)
     rows, sweeps = [], []
     with torch.inference_mode():
-        for name in types:
+        for name, n, k in linears:
             fmt = by_name[name]
-            for n, k in shapes:
-                if k % fmt.block_size:
-                    continue
-                for m in ms:
-                    rows.append(bench_linear(fmt, n, k, m, dtype, dev, repeat, rng))
-                    if do_sweep:
-                        sweeps.append({"type": name, "n": n, "k": k, "m": m,
-                                       "results": sweep(fmt, n, k, m, dtype, dev, repeat, rng)})
-        if moe and "MXFP4" in by_name:
+            for m in ms:
+                rows.append(bench_linear(fmt, n, k, m, dtype, dev, repeat, rng))
+                if do_sweep:
+                    sweeps.append({"type": name, "n": n, "k": k, "m": m,
+                                   "results": sweep(fmt, n, k, m, dtype, dev, repeat, rng)})
+        for name, shape in experts:
             for tokens in MOE_TOKENS:
-                rows.append(bench_moe(by_name["MXFP4"], tokens, dtype, dev, repeat, rng))
+                rows.append(bench_moe(by_name[name], tokens, dtype, dev, repeat, rng, shape))
             if do_sweep:
-                sweeps.append({"type": "MXFP4", "experts": True, "n": MOE_SHAPE[1], "k": MOE_SHAPE[2], "m": 1,
-                               "results": sweep_moe(by_name["MXFP4"], dtype, dev, repeat, rng)})
+                sweeps.append({"type": name, "experts": True, "n": shape[1], "k": shape[2], "m": 1,
+                               "results": sweep_moe(by_name[name], dtype, dev, repeat, rng, shape)})
     return {
         "device_name": torch.cuda.get_device_name(dev),
         "dtype": str(dtype).removeprefix("torch."),
@@ -373,6 +401,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--repeat", type=int, default=20, help="timed graph replays per measurement (median)")
     parser.add_argument("--no-moe", action="store_true", help="skip the GPT-OSS mixture-of-experts rows")
+    parser.add_argument("--model", metavar="FILE",
+                        help="instead of --types/--shapes: the projections this GGUF model's decode step launches")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of launch configurations")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.add_argument("--tuning-out", metavar="FILE",
@@ -393,6 +423,7 @@ def run_args(args: argparse.Namespace) -> int:
         shapes=[_shape(s) for s in args.shapes.split(",") if s.strip()],
         ms=[int(m) for m in args.m.split(",")],
         dtype=getattr(torch, args.dtype), repeat=args.repeat, moe=not args.no_moe, do_sweep=args.sweep,
+        model=args.model,
     )
     if args.tuning_out:
         from orcd_quant_formats.kernels import tuning
