@@ -78,8 +78,9 @@ def test_short_run_on_cuda() -> None:
 
 
 def test_model_projections_are_what_the_decode_step_launches(synth_model, plugins) -> None:
-    """``--model``: the quantized linears as the architecture builds them (stacked QKV and gate|up), once per
-    distinct shape, and the expert tensors of a mixture of experts; F32 tensors (no fused kernel) left out."""
+    """``--model``: the quantized linears as the architecture builds them on the device (stacked QKV and gate|up on
+    CUDA, separate on the CPU), once per distinct shape, and the expert tensors of a mixture of experts; F32
+    tensors (no fused kernel) left out."""
     import torch
 
     from orcd.loader import load_model
@@ -91,9 +92,6 @@ def test_model_projections_are_what_the_decode_step_launches(synth_model, plugin
     expected = {(m.weight.fmt.name, *m.weight.shape) for m in built.modules() if isinstance(m, QuantizedLinear)
                 and m.weight.fmt.name != "F32"}
     assert set(linears) == expected and len(linears) == len(expected) and experts == []
-    c = load_model(path, plugins=plugins).config
-    qkv = (c.head_count + 2 * c.head_count_kv) * c.head_dim
-    assert ("Q8_0", qkv, c.embedding_length) in linears  # stacked Q, K and V
 
     linears, experts = kernels.model_projections(str(synth_model("gpt-oss", "MXFP4")), torch.device("cpu"), plugins)
     assert {name for name, _ in experts} == {"MXFP4"} and len(experts) >= 1
