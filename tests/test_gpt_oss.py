@@ -187,3 +187,36 @@ def test_expert_tensor_of_the_wrong_shape_names_the_tensor(tmp_path, plugins, mo
     model, config = open_checked(path, plugins)
     with pytest.raises(ModelFileError, match=r"blk\.1\.ffn_up_exps\.weight.*\(8, 96, 256\)"):
         GptOss().build(model, config, torch.device("cpu"), plugins)
+
+
+@pytest.mark.parametrize("tokens", [1, 21])
+def test_stacked_gate_up_gives_the_separate_projections_result(tokens: int, synth_model, plugins) -> None:
+    """On CUDA the loader stacks each layer's gate and up experts (``stack_gate_up``). Expert ``e`` of the stack is
+    ``e``'s gate rows then its up rows, with their biases; the module's output equals the separate projections'
+    (1 token: the gathered path; 21: the grouped one) to fp32 rounding of the larger matmul."""
+    from orcd_gpt_adapter.moe import stack_gate_up
+
+    model, config = open_checked(synth_model("gpt-oss", "MXFP4"), plugins)
+    moe = GptOss().build(model, config, torch.device("cpu"), plugins).blocks[0].mlp
+    stacked = stack_gate_up("gate_up", moe.gate, moe.up)
+    ffn = moe.gate.rows
+    assert stacked is not None and stacked.weight.shape == (8, 2 * ffn, 256) and stacked.bias.shape == (8, 2 * ffn)
+    for e in (0, 7):
+        assert torch.equal(stacked.experts[e].weight.data[:ffn], moe.gate.experts[e].weight.data)
+        assert torch.equal(stacked.experts[e].weight.data[ffn:], moe.up.experts[e].weight.data)
+        assert torch.equal(stacked.bias[e], torch.cat([moe.gate.bias[e], moe.up.bias[e]]))
+    both = MixtureOfExperts(moe.router_weight, moe.router_bias, None, stacked, moe.down, moe.top_k)
+    x = torch.randn(tokens, 256, generator=torch.Generator().manual_seed(tokens))
+    torch.testing.assert_close(both(x), moe(x), rtol=1e-6, atol=1e-6)
+    assert "gate|up stacked" in repr(both)
+
+
+def test_stacking_refuses_projections_that_cannot_share_a_weight(synth_model, plugins) -> None:
+    from orcd_gpt_adapter.moe import stack_gate_up
+
+    model, config = open_checked(synth_model("gpt-oss", "MXFP4"), plugins)
+    moe = GptOss().build(model, config, torch.device("cpu"), plugins).blocks[0].mlp
+    assert moe.gate.weight.shape == (8, 128, 256) and moe.down.weight.shape == (8, 256, 128)
+    assert stack_gate_up("x", moe.gate, moe.down) is None  # different shapes
+    with pytest.raises(ValueError, match="half of what it needs"):
+        MixtureOfExperts(moe.router_weight, moe.router_bias, None, moe.up, moe.down, moe.top_k)

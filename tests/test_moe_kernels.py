@@ -224,15 +224,23 @@ def test_weighted_sum_interpreted(tokens_: int, width: int, dtype: torch.dtype) 
     check_weighted_sum(tokens_, width, dtype, "cpu")
 
 
-def tiny_moe(synth_model, plugins, device: str) -> MixtureOfExperts:
+def tiny_moe(synth_model, plugins, device: str, stacked: bool = False) -> MixtureOfExperts:
+    """Block 0's MoE as built on ``device`` (CUDA stacks gate|up); ``stacked`` stacks it on the CPU too."""
+    from orcd_gpt_adapter.moe import stack_gate_up
+
     model, config = open_checked(synth_model("gpt-oss", "MXFP4"), plugins)
-    return GptOss().build(model, config, torch.device(device), plugins).blocks[0].mlp
+    moe = GptOss().build(model, config, torch.device(device), plugins).blocks[0].mlp
+    if stacked and moe.gate is not None:
+        moe = MixtureOfExperts(moe.router_weight, moe.router_bias, None, stack_gate_up("gate_up", moe.gate, moe.up),
+                               moe.down, moe.top_k)
+    return moe
 
 
-def check_module(n: int, device: str, tol: float, synth_model, plugins, monkeypatch, kernels_off) -> None:
+def check_module(n: int, device: str, tol: float, synth_model, plugins, monkeypatch, kernels_off,
+                 stacked: bool = False) -> None:
     from orcd_gpt_adapter import moe_kernels
 
-    moe = tiny_moe(synth_model, plugins, device)
+    moe = tiny_moe(synth_model, plugins, device, stacked)
     x = torch.randn(1, n, 256, generator=torch.Generator().manual_seed(n)).to(device)
     calls: list[str] = []
     for name in ("route", "clamped_swiglu", "weighted_sum"):
@@ -247,11 +255,13 @@ def check_module(n: int, device: str, tol: float, synth_model, plugins, monkeypa
 
 
 @interpreter_only
+@pytest.mark.parametrize("stacked", [False, True], ids=["separate", "stacked"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_module_takes_the_kernels(n: int, synth_model, plugins, monkeypatch, kernels_off) -> None:
+def test_module_takes_the_kernels(n: int, stacked: bool, synth_model, plugins, monkeypatch, kernels_off) -> None:
     """The tiny model's MoE (1 token: gathered experts; 3 tokens: grouped) through the three kernels equals the
-    torch path to rounding (1e-5 of the largest value: the experts' fp32 matmuls and sums, last bits), and each kernel ran."""
-    check_module(n, "cpu", 1e-5, synth_model, plugins, monkeypatch, kernels_off)
+    torch path to rounding (1e-5 of the largest value: the experts' fp32 matmuls and sums, last bits), and each kernel ran.
+    Stacked, the SwiGLU kernel reads gate and up as strided halves of one output."""
+    check_module(n, "cpu", 1e-5, synth_model, plugins, monkeypatch, kernels_off, stacked)
 
 
 def test_torch_path_when_switched_off(synth_model, plugins, monkeypatch) -> None:

@@ -17,9 +17,9 @@ import torch
 from orcd.arch import Architecture, CausalLM, ModelConfig, SynthSpec, SynthTensor
 from orcd.errors import ModelFileError
 from orcd.nn import DecoderBlock, DecoderLM, QuantizedEmbedding, RMSNorm, RopeScaling, RotaryEmbedding, SelfAttention
-from orcd.nn.fusion import qkv_projection
+from orcd.nn.fusion import qkv_projection, stacks_on
 from orcd.quant import QuantizedLinear
-from orcd_gpt_adapter.moe import SWIGLU_ALPHA, SWIGLU_LIMIT, ExpertProjection, MixtureOfExperts
+from orcd_gpt_adapter.moe import SWIGLU_ALPHA, SWIGLU_LIMIT, ExpertProjection, MixtureOfExperts, stack_gate_up
 from orcd_gpt_adapter.yarn import yarn_rotary
 
 if TYPE_CHECKING:
@@ -162,7 +162,11 @@ class GptOss(Architecture):
             weight = t.quantized(p + f"ffn_{x}_exps.weight")
             _check_shape(weight.name, weight.shape, shape)
             experts[x] = ExpertProjection(weight, t.dense(p + f"ffn_{x}_exps.bias"))
-        return MixtureOfExperts(router, t.dense(p + "ffn_gate_inp.bias"), experts["gate"], experts["up"],
+        gate, up = experts.pop("gate"), experts.pop("up")
+        stacked = stack_gate_up(p + "ffn_gate_up_exps(stacked)", gate, up) if stacks_on(t.device) else None
+        if stacked is not None:  # one expert launch for both on CUDA, as fusion.swiglu does for a dense MLP
+            gate, up = None, stacked
+        return MixtureOfExperts(router, t.dense(p + "ffn_gate_inp.bias"), gate, up,
                                 experts["down"], config.expert_used_count, config.swiglu_alpha,
                                 config.swiglu_limit)
 

@@ -13,6 +13,10 @@ Where the weights' format has a fused expert kernel (``QuantFormat.expert_linear
 chosen expert's blocks are read once per group and decoded in registers, and there is no host sync, so decode steps
 of any batch size can be captured in a CUDA graph. The two paths above stay as the fallback and the oracle.
 
+On CUDA the gate and up tensors of the experts are stacked at load (``stack_gate_up``): expert ``e`` holds its gate
+rows then its up rows, so one expert launch computes both (as ``orcd.nn.fusion`` stacks a dense SwiGLU's gate|up),
+and the clamped SwiGLU reads the two halves of its output in place.
+
 Where the core's kernels apply (``orcd.nn.triton_support.use_kernels``: CUDA, Triton, ``ORCD_KERNELS`` not ``0``),
 the router of a decode batch (logits, then top-k and softmax) is two Triton kernels, the clamped SwiGLU and the
 weighted sum of the k expert outputs one each (``orcd_gpt_adapter.moe_kernels``), instead of ~14 small torch
@@ -98,14 +102,33 @@ class ExpertProjection(torch.nn.Module):
         return y if self.bias is None else y + self.bias.index_select(0, ids).to(y.dtype)
 
 
+def stack_gate_up(name: str, gate: ExpertProjection, up: ExpertProjection) -> ExpertProjection | None:
+    """One projection whose expert ``e`` is ``gate``'s expert ``e`` rows, then ``up``'s: ``(n_expert, 2 * rows,
+    cols)``. ``None`` where they cannot share one weight (formats, shapes or devices differ). The blocks are copied;
+    the originals are freed once unreferenced. A missing bias beside a present one contributes zeros."""
+    g, u = gate.weight, up.weight
+    if (g.fmt.ggml_type != u.fmt.ggml_type or g.shape != u.shape or g.data.device != u.data.device
+            or g.data.dim() != 2 or u.data.dim() != 2):
+        return None
+    n_expert, rows, cols = g.shape
+    data = torch.cat([g.data.view(n_expert, rows, -1), u.data.view(n_expert, rows, -1)], dim=1)
+    bias = None
+    if gate.bias is not None or up.bias is not None:
+        ref = gate.bias if gate.bias is not None else up.bias
+        bias = torch.cat([b if b is not None else torch.zeros_like(ref) for b in (gate.bias, up.bias)], dim=1)
+    return ExpertProjection(QuantizedTensor(name, data.view(n_expert * 2 * rows, -1), g.fmt,
+                                            (n_expert, 2 * rows, cols)), bias)
+
+
 class MixtureOfExperts(torch.nn.Module):
-    """``x (..., hidden)`` → the weighted sum of the ``top_k`` chosen experts' outputs, ``(..., hidden)``."""
+    """``x (..., hidden)`` → the weighted sum of the ``top_k`` chosen experts' outputs, ``(..., hidden)``. ``gate``
+    ``None`` means ``up`` is the stacked ``[gate | up]`` projection (``stack_gate_up``)."""
 
     def __init__(
         self,
         router_weight: torch.Tensor,
         router_bias: torch.Tensor | None,
-        gate: ExpertProjection,
+        gate: ExpertProjection | None,
         up: ExpertProjection,
         down: ExpertProjection,
         top_k: int,
@@ -114,9 +137,13 @@ class MixtureOfExperts(torch.nn.Module):
     ) -> None:
         super().__init__()
         n_expert = router_weight.shape[0]
-        if not (gate.n_expert == up.n_expert == down.n_expert == n_expert):
+        projections = [p for p in (gate, up, down) if p is not None]
+        if any(p.n_expert != n_expert for p in projections):
             raise ValueError(f"the router scores {n_expert} experts but the gate, up and down tensors hold "
-                             f"{gate.n_expert}, {up.n_expert} and {down.n_expert}")
+                             f"{', '.join(str(p.n_expert) for p in projections)}")
+        if gate is None and up.rows != 2 * down.cols:
+            raise ValueError(f"a stacked gate|up projection has {up.rows} rows; the down projection reads "
+                             f"{down.cols}, half of what it needs")
         if not 0 < top_k <= n_expert:
             raise ValueError(f"cannot use {top_k} of {n_expert} experts per token")
         self.router_weight = torch.nn.Parameter(router_weight.float(), requires_grad=False)
@@ -125,7 +152,7 @@ class MixtureOfExperts(torch.nn.Module):
         self.gate, self.up, self.down = gate, up, down
         self.n_expert, self.top_k = n_expert, top_k
         self.alpha, self.limit = alpha, limit
-        self.gather_max_pairs = GATHER_MAX_ELEMENTS // max(p.rows * p.cols for p in (gate, up, down))
+        self.gather_max_pairs = GATHER_MAX_ELEMENTS // max(p.rows * p.cols for p in projections)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen experts ``(N, top_k)`` and their weights ``(N, top_k)`` for tokens ``x (N, hidden)``."""
@@ -161,15 +188,26 @@ class MixtureOfExperts(torch.nn.Module):
             return _kernels().clamped_swiglu(gate, up, self.alpha, self.limit, dtype)
         return clamped_swiglu(gate.float(), up.float(), self.alpha, self.limit).to(dtype)
 
+    def _halves(self, stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate and up, views of a stacked projection's output."""
+        ffn = stacked.shape[-1] // 2
+        return stacked[..., :ffn], stacked[..., ffn:]
+
     def _pairs_fused(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor | None:
         """Every pair through the formats' fused expert kernels; ``None`` if the gate's format has none here. A
         later projection without one (a mixed-format file) takes the gathered reference for its pairs."""
-        gate = self.gate.fused(x, chosen)
-        if gate is None:
-            return None
-        up = self.up.fused(x, chosen)
-        if up is None:
-            up = self.up.gathered(x.repeat_interleave(self.top_k, dim=0), chosen.reshape(-1))
+        if self.gate is None:
+            stacked = self.up.fused(x, chosen)
+            if stacked is None:
+                return None
+            gate, up = self._halves(stacked)
+        else:
+            gate = self.gate.fused(x, chosen)
+            if gate is None:
+                return None
+            up = self.up.fused(x, chosen)
+            if up is None:
+                up = self.up.gathered(x.repeat_interleave(self.top_k, dim=0), chosen.reshape(-1))
         h = self._expert_mlp(gate, up, x.dtype)
         flat = chosen.reshape(-1)
         down = self.down.fused(h, flat)
@@ -178,7 +216,10 @@ class MixtureOfExperts(torch.nn.Module):
     def _pairs_gathered(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """Few pairs (decode): every pair's expert decoded at once, one batched matmul per projection."""
         xp = x.repeat_interleave(self.top_k, dim=0)
-        h = self._expert_mlp(self.gate.gathered(xp, flat), self.up.gathered(xp, flat), x.dtype)
+        if self.gate is None:
+            h = self._expert_mlp(*self._halves(self.up.gathered(xp, flat)), x.dtype)
+        else:
+            h = self._expert_mlp(self.gate.gathered(xp, flat), self.up.gathered(xp, flat), x.dtype)
         return self.down.gathered(h, flat).float()
 
     def _pairs_grouped(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -193,10 +234,14 @@ class MixtureOfExperts(torch.nn.Module):
             pairs = order[start:start + count]
             start += count
             xe = x.index_select(0, pairs // self.top_k)
-            h = self._expert_mlp(self.gate.experts[e](xe), self.up.experts[e](xe), x.dtype)
+            if self.gate is None:
+                h = self._expert_mlp(*self._halves(self.up.experts[e](xe)), x.dtype)
+            else:
+                h = self._expert_mlp(self.gate.experts[e](xe), self.up.experts[e](xe), x.dtype)
             outputs.index_copy_(0, pairs, self.down.experts[e](h).float())
         return outputs
 
     def extra_repr(self) -> str:
-        g = self.gate
-        return f"experts={self.n_expert}, top_k={self.top_k}, {g.weight.fmt.name} {g.cols} -> {g.rows}"
+        g = self.up if self.gate is None else self.gate
+        return (f"experts={self.n_expert}, top_k={self.top_k}, {g.weight.fmt.name} {g.cols} -> {self.down.cols}"
+                + (" (gate|up stacked)" if self.gate is None else ""))
