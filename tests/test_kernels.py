@@ -151,6 +151,9 @@ def test_interpreted_experts(formats: dict[str, QuantFormat], name: str, path: s
     if path == "auto":  # one row of x per pair (the form ExpertProjection.gathered uses): the same result
         pairs = matmul.expert_linear(x.repeat_interleave(top_k, 0), data, int(fmt.ggml_type), E, N, K, flat, bias)
         torch.testing.assert_close(pairs, got, rtol=0, atol=0)
+    if path.endswith("split"):  # int32 ids (what the MoE passes) also index split-K's bias rows
+        as_int32 = matmul.expert_linear(x, data, int(fmt.ggml_type), E, N, K, ids.to(torch.int32), bias, config=config)
+        torch.testing.assert_close(as_int32, got, rtol=0, atol=0)
 
 
 @needs_triton

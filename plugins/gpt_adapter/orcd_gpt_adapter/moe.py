@@ -196,6 +196,7 @@ class MixtureOfExperts(torch.nn.Module):
     def _pairs_fused(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor | None:
         """Every pair through the formats' fused expert kernels; ``None`` if the gate's format has none here. A
         later projection without one (a mixed-format file) takes the gathered reference for its pairs."""
+        chosen = chosen.to(torch.int32)  # the kernels' index type: one cast here, none per projection
         if self.gate is None:
             stacked = self.up.fused(x, chosen)
             if stacked is None:

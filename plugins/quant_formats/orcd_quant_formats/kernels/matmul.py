@@ -524,6 +524,6 @@ def expert_linear(
         return x.new_empty(0, N)
     cfg = config or _fitted(ggml_type, math.ceil(P / min(n_expert, P)), N, K, x.dtype, x.device, experts=True)
     table = pair_blocks(ids) if cfg.bm == 1 else expert_blocks(ids, n_expert, cfg.bm)
-    flat = ids.reshape(-1).long() if bias is not None else None
+    flat = ids.reshape(-1) if bias is not None else None  # split-K's bias rows (index_select takes int32 too)
     return _launch(x2, data, ggml_type, N, K, bias, cfg, table[0].numel(), P, grouped=table, x_div=per_row,
                    expert_stride=N * data.stride(0), bias_rows=flat)
