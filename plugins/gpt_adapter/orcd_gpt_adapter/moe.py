@@ -27,6 +27,7 @@ index, where ``torch.topk`` promises no order.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -193,6 +194,12 @@ class MixtureOfExperts(torch.nn.Module):
         ffn = stacked.shape[-1] // 2
         return stacked[..., :ffn], stacked[..., ffn:]
 
+    def _gate_up(self, project: Callable[[ExpertProjection], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate and up outputs, ``project`` run on the stacked projection once or on each."""
+        if self.gate is None:
+            return self._halves(project(self.up))
+        return project(self.gate), project(self.up)
+
     def _pairs_fused(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor | None:
         """Every pair through the formats' fused expert kernels; ``None`` if the gate's format has none here. A
         later projection without one (a mixed-format file) takes the gathered reference for its pairs."""
@@ -217,10 +224,7 @@ class MixtureOfExperts(torch.nn.Module):
     def _pairs_gathered(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """Few pairs (decode): every pair's expert decoded at once, one batched matmul per projection."""
         xp = x.repeat_interleave(self.top_k, dim=0)
-        if self.gate is None:
-            h = self._expert_mlp(*self._halves(self.up.gathered(xp, flat)), x.dtype)
-        else:
-            h = self._expert_mlp(self.gate.gathered(xp, flat), self.up.gathered(xp, flat), x.dtype)
+        h = self._expert_mlp(*self._gate_up(lambda p: p.gathered(xp, flat)), x.dtype)
         return self.down.gathered(h, flat).float()
 
     def _pairs_grouped(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -235,10 +239,7 @@ class MixtureOfExperts(torch.nn.Module):
             pairs = order[start:start + count]
             start += count
             xe = x.index_select(0, pairs // self.top_k)
-            if self.gate is None:
-                h = self._expert_mlp(*self._halves(self.up.experts[e](xe)), x.dtype)
-            else:
-                h = self._expert_mlp(self.gate.experts[e](xe), self.up.experts[e](xe), x.dtype)
+            h = self._expert_mlp(*self._gate_up(lambda p: p.experts[e](xe)), x.dtype)
             outputs.index_copy_(0, pairs, self.down.experts[e](h).float())
         return outputs
 
