@@ -435,3 +435,33 @@ def test_fitted_dot_launches_compile_within_h100_shared_memory(name: str) -> Non
 
 
 H100_SHARED = 232448  # bytes of shared memory one program may use on an H100 (sm_90)
+
+
+def test_expert_rule_groups_pairs_past_a_few_tokens() -> None:
+    """Up to ``EXPERT_DECODE_MAX_PAIRS`` pairs (GPT-OSS: 4 tokens of top-4) take the decode kernel at their mean
+    pairs per expert; more are planned as tl.dot blocks (at least ``FMA_MAX_ROWS + 1`` rows), prefill unchanged."""
+    matmul = matmul_module()
+    assert matmul.expert_rows(4, 32) == 1 and matmul.expert_rows(16, 32) == 1 and matmul.expert_rows(16, 8) == 2
+    assert matmul.expert_rows(32, 32) == matmul.FMA_MAX_ROWS + 1 == matmul.expert_rows(128, 32)
+    assert matmul.expert_rows(2048, 32) == 64
+    spec = matmul.SPECS[int(T.MXFP4)]
+    assert matmul.pick_config(spec, matmul.expert_rows(128, 32), 5760, 2880).dot
+    assert not matmul.pick_config(spec, matmul.expert_rows(4, 32), 5760, 2880).dot
+
+
+@interpreter_only
+def test_interpreted_experts_past_the_decode_pairs(formats: dict[str, QuantFormat]) -> None:
+    """Nine tokens through their top-2 experts (18 pairs) take the grouped tl.dot path on their own: equal to the
+    dequantized reference within the formats' fp32 tolerance."""
+    matmul = matmul_module()
+    fmt = formats["MXFP4"]
+    E, N, K, top_k, tokens = 4, 19, tiny_k(fmt), 2, 9
+    rng = np.random.default_rng(5)
+    raw, w = random_weight(fmt, (E, N, K), rng)
+    w = torch.from_numpy(w).reshape(E, N, K)
+    bias = torch.from_numpy(rng.standard_normal((E, N), dtype=np.float32))
+    ids = torch.from_numpy(rng.integers(0, E, size=(tokens, top_k))).to(torch.int32)
+    x = torch.from_numpy(rng.standard_normal((tokens, K), dtype=np.float32))
+    got = matmul.expert_linear(x, torch.from_numpy(raw), int(fmt.ggml_type), E, N, K, ids, bias)
+    ref = torch.stack([w[e] @ x[p // top_k].double() + bias[e].double() for p, e in enumerate(ids.reshape(-1).tolist())])
+    assert relative_error(got, ref) < TOLERANCE[torch.float32]

@@ -204,6 +204,13 @@ DECODE_ROWS = 8  # weight rows per thread (and per program) in the decode kernel
 DECODE_STEPS = 2  # K steps a decode program aims for (see pick_config)
 MAX_DECODE_WARPS = 8
 MIN_STEPS_PER_SPLIT = 2
+# Expert projections with more (token, expert) pairs than this go grouped by expert through tl.dot, whatever the
+# pairs per expert. The decode kernel reads an expert once per pair (blocks of one pair) or decodes its blocks once
+# per pair (up to 4 pairs a block); on an H100 GPT-OSS-20B's decode steps of 4, 32 and 128 pairs (1, 8 and 32
+# streams) took 3.1, 15.3 and 62 ms with it, so 8 and 32 streams gave only 1.6x one stream's tokens/s. tl.dot reads
+# each chosen expert once per block of up to 16+ pairs and multiplies on the tensor cores (not yet timed here).
+# 16: few tokens (GPT-OSS: up to 4) rarely share an expert, and grouping costs ~15 small kernels per launch.
+EXPERT_DECODE_MAX_PAIRS = 16
 
 
 @dataclass(frozen=True)
@@ -505,6 +512,13 @@ def pair_blocks(ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return flat.to(torch.int32), start, end, start
 
 
+def expert_rows(pairs: int, n_expert: int) -> int:
+    """Rows of x per block of work that an expert launch is planned for: the mean pairs per chosen expert, raised
+    past the decode kernel's ``FMA_MAX_ROWS`` once there are more than ``EXPERT_DECODE_MAX_PAIRS`` pairs."""
+    rows = math.ceil(pairs / min(n_expert, pairs))
+    return max(rows, FMA_MAX_ROWS + 1) if pairs > EXPERT_DECODE_MAX_PAIRS else rows
+
+
 def expert_linear(
     x: torch.Tensor, data: torch.Tensor, ggml_type: int, n_expert: int, N: int, K: int, ids: torch.Tensor,
     bias: torch.Tensor | None = None, config: Config | None = None,
@@ -522,7 +536,7 @@ def expert_linear(
         raise ValueError(f"{P} expert ids for {x2.shape[0]} rows of x ({per_row} per row)")
     if P == 0:
         return x.new_empty(0, N)
-    cfg = config or _fitted(ggml_type, math.ceil(P / min(n_expert, P)), N, K, x.dtype, x.device, experts=True)
+    cfg = config or _fitted(ggml_type, expert_rows(P, n_expert), N, K, x.dtype, x.device, experts=True)
     table = pair_blocks(ids) if cfg.bm == 1 else expert_blocks(ids, n_expert, cfg.bm)
     flat = ids.reshape(-1) if bias is not None else None  # split-K's bias rows (index_select takes int32 too)
     return _launch(x2, data, ggml_type, N, K, bias, cfg, table[0].numel(), P, grouped=table, x_div=per_row,
