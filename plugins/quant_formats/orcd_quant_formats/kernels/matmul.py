@@ -204,12 +204,11 @@ DECODE_ROWS = 8  # weight rows per thread (and per program) in the decode kernel
 DECODE_STEPS = 2  # K steps a decode program aims for (see pick_config)
 MAX_DECODE_WARPS = 8
 MIN_STEPS_PER_SPLIT = 2
-# Expert projections with more (token, expert) pairs than this go grouped by expert through tl.dot, whatever the
-# pairs per expert. The decode kernel reads an expert once per pair (blocks of one pair) or decodes its blocks once
-# per pair (up to 4 pairs a block); on an H100 GPT-OSS-20B's decode steps of 4, 32 and 128 pairs (1, 8 and 32
-# streams) took 3.1, 15.3 and 62 ms with it, so 8 and 32 streams gave only 1.6x one stream's tokens/s. tl.dot reads
-# each chosen expert once per block of up to 16+ pairs and multiplies on the tensor cores (not yet timed here).
-# 16: few tokens (GPT-OSS: up to 4) rarely share an expert, and grouping costs ~15 small kernels per launch.
+# Expert projections with more (token, expert) pairs than this go grouped by expert through tl.dot. The decode
+# kernel reads an expert once per pair (blocks of one pair) or decodes its blocks once per pair (up to 4 a block):
+# on an H100, GPT-OSS-20B's steps of 4, 32 and 128 pairs (1, 8, 32 streams) took 3.1, 15.3 and 62 ms with it.
+# tl.dot reads each chosen expert once per block of pairs (this rule is not yet timed). Up to 16 (GPT-OSS: 4 tokens)
+# pairs rarely share an expert, and grouping them costs ~15 small kernels per launch.
 EXPERT_DECODE_MAX_PAIRS = 16
 
 
