@@ -437,6 +437,7 @@ def test_fitted_dot_launches_compile_within_h100_shared_memory(name: str) -> Non
 H100_SHARED = 232448  # bytes of shared memory one program may use on an H100 (sm_90)
 
 
+@needs_triton
 def test_expert_rule_groups_pairs_past_a_few_tokens() -> None:
     """Up to ``EXPERT_DECODE_MAX_PAIRS`` pairs (GPT-OSS: 4 tokens of top-4) take the decode kernel at their mean
     pairs per expert; more are planned as tl.dot blocks (at least ``FMA_MAX_ROWS + 1`` rows), prefill unchanged."""
