@@ -406,12 +406,21 @@ def test_dot_launch_fits_shared_memory(name: str, itemsize: int, want: tuple[int
     assert fits or (small.bm, small.bn, small.stages) == (16, 16, 1)  # else the smallest tile (Q6_K's is 64 KiB)
 
 
+# (format, rows, N, K, grouped): Qwen2.5-0.5B's MLP prefill; GPT-OSS's gate|up for 8 decode streams (32 pairs of
+# top-4, the smallest expert launch past ``EXPERT_DECODE_MAX_PAIRS``) and for a 512-token prompt.
+DOT_LAUNCHES = [(name, 511, 4864, 896, False) for name in ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "MXFP4")] + [
+    ("MXFP4", 32, 5760, 2880, True), ("MXFP4", 2048, 5760, 2880, True)]
+
+
 @needs_triton
 @pytest.mark.skipif(INTERPRETED, reason="compiles for sm_90; the interpreter replaces the compiler")
-@pytest.mark.parametrize("name", ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "MXFP4"])
-def test_fitted_dot_launches_compile_within_h100_shared_memory(name: str) -> None:
-    """Compiled for an H100 (sm_90, no GPU needed), the prefill launch ``fit_shared_memory`` picks for fp32 and
-    fp16 x asks for no more shared memory than the H100 has: Triton's own count, not our estimate."""
+@pytest.mark.parametrize(("name", "pairs", "N", "K", "grouped"), DOT_LAUNCHES)
+def test_fitted_dot_launches_compile_within_h100_shared_memory(
+    name: str, pairs: int, N: int, K: int, grouped: bool,
+) -> None:
+    """Compiled for an H100 (sm_90, no GPU needed), the tl.dot launch ``fit_shared_memory`` picks for fp32 and
+    fp16 x asks for no more shared memory than the H100 has: Triton's own count, not our estimate. Expert launches
+    are planned for ``expert_rows`` of GPT-OSS's 32 experts, with bias, 4 pairs per x row."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -419,11 +428,13 @@ def test_fitted_dot_launches_compile_within_h100_shared_memory(name: str) -> Non
     matmul = matmul_module()
     ggml_type = int(getattr(T, name))
     spec = matmul.SPECS[ggml_type]
+    rows = matmul.expert_rows(pairs, 32) if grouped else pairs
     for itemsize, ptr, precision in ((4, "*fp32", "tf32x3"), (2, "*fp16", "ieee")):
-        cfg = matmul.fit_shared_memory(matmul.pick_config(spec, 511, 4864, 896), spec, itemsize, H100_SHARED)
+        cfg = matmul.fit_shared_memory(matmul.pick_config(spec, rows, N, K), spec, itemsize, H100_SHARED)
+        assert cfg.dot
         consts = {"FMT": ggml_type, "QK": spec.block_size, "TYPE_SIZE": spec.type_size, "UNITS": spec.units(True),
-                  "BM": cfg.bm, "BN": cfg.bn, "NB": cfg.nb, "GROUPED": False, "X_DIV": 1, "HAS_BIAS": False,
-                  "PARTIAL": False, "X_F32": itemsize == 4, "PRECISION": precision}
+                  "BM": cfg.bm, "BN": cfg.bn, "NB": cfg.nb, "GROUPED": grouped, "X_DIV": 4 if grouped else 1,
+                  "HAS_BIAS": grouped, "PARTIAL": False, "X_F32": itemsize == 4, "PRECISION": precision}
         fn = matmul.qmm_kernel
         pointers = {"x_ptr": ptr, "out_ptr": ptr, "bias_ptr": ptr, "w_ptr": "*u8"}
         signature = {a: "constexpr" if a in consts else pointers.get(a, "*i32" if a.endswith("_ptr") else "i32")
