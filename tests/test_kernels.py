@@ -449,38 +449,6 @@ H100_SHARED = 232448  # bytes of shared memory one program may use on an H100 (s
 
 
 @needs_triton
-@pytest.mark.skipif(INTERPRETED, reason="compiles for sm_90; the interpreter replaces the compiler")
-@pytest.mark.parametrize(("name", "x_values"), [("MXFP4", 8), ("Q4_K", 16), ("Q8_0", 8)])
-def test_decode_kernel_loads_x_once_per_part(name: str, x_values: int) -> None:
-    """Compiled for sm_90, a thread of the decode launch (8 weight rows of one part) issues one 32-bit load per x
-    value of its part, not one per row and value: Triton emits a load per tensor element even where addresses are
-    equal, and before ``common.spread`` the 8-row MXFP4 launch had 64 loads of x per step, not 8."""
-    import re
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    matmul = matmul_module()
-    ggml_type = int(getattr(T, name))
-    spec = matmul.SPECS[ggml_type]
-    cfg = matmul.pick_config(spec, 1, 4096, 4096)
-    assert spec.unit(False) // cfg.parts == x_values and cfg.bn == 8
-    consts = {"FMT": ggml_type, "QK": spec.block_size, "TYPE_SIZE": spec.type_size, "UNITS": spec.units(False),
-              "BM": 1, "BN": cfg.bn, "NB": cfg.nb, "GROUPED": False, "X_DIV": 1, "HAS_BIAS": False,
-              "PARTIAL": False, "PARTS": cfg.parts}
-    fn = matmul.gemv_kernel
-    pointers = {"x_ptr": "*fp32", "out_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*u8"}
-    signature = {a: "constexpr" if a in consts else pointers.get(a, "*i32" if a.endswith("_ptr") else "i32")
-                 for a in fn.arg_names}
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.warps}).asm["ptx"]
-    # the codes and scales are read as 8- and 16-bit fields (MXFP4's and Q8_0's blocks sit at odd or 2-byte
-    # offsets; Q4_K's codes are read as uint16 words), so the 32-bit loads are x's
-    assert len(re.findall(r"ld\.global(?:\.\w+)*\.b32\b", ptx)) == x_values
-
-
-@needs_triton
 def test_expert_rule_groups_pairs_past_a_few_tokens() -> None:
     """Up to ``EXPERT_DECODE_MAX_PAIRS`` pairs (GPT-OSS: 4 tokens of top-4) take the decode kernel at their mean
     pairs per expert; more are planned as tl.dot blocks (at least ``FMA_MAX_ROWS + 1`` rows), prefill unchanged."""

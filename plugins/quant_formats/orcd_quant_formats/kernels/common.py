@@ -62,23 +62,9 @@ def shift(v, N: tl.constexpr):
 
 
 @triton.jit
-def spread(v, SIZE: tl.constexpr):
-    """Per-part values ``(NB,)`` laid over the decode kernel's ``(SIZE,)`` grid of (row, part) pairs, pair ``i``
-    being part ``i % NB``. A thread holds several rows of one part, so what depends on the part alone (its x values,
-    its indices) is loaded or computed once, not once per row: Triton issues one load per element even where
-    the addresses are equal (8 per x value at 8 rows)."""
-    if SIZE == v.shape[0]:
-        r = v
-    else:
-        r = tl.reshape(tl.broadcast_to(v[None, :], (SIZE // v.shape[0], v.shape[0])), (SIZE,))
-    return r
-
-
-@triton.jit
-def x_at(xp, off: tl.constexpr, SIZE: tl.constexpr):
-    """x at static offset ``off`` from each part's pointer in ``xp`` ``(NB,)``, as fp32, spread over ``SIZE``
-    (row, part) pairs."""
-    return spread(tl.load(xp + off).to(tl.float32), SIZE)
+def x_at(xb, off):
+    """x at offset ``off`` (static, or a tensor) from each block's pointer in ``xb``, as fp32."""
+    return tl.load(xb + off).to(tl.float32)
 
 
 @triton.jit

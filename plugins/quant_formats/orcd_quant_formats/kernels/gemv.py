@@ -4,17 +4,14 @@ A program owns ``BN`` weight rows and walks ``K`` ``NB`` parts at a time: a unit
 formats and MXFP4, a quarter of a super-block (64 values) of the K-quants, and it is cut into ``PARTS`` parts of
 consecutive code words, so that neighbouring lanes read neighbouring bytes of codes and of x (with whole units per
 lane, a warp's load of x touches 32 cache lines, and L1 serves it one line at a time). Each step is a grid of
-``BN * NB`` (row, part) pairs held as one 1-D axis, pair ``p`` = row ``p // NB``, part ``p % NB``; the block's codes
-word by word, its scales and the running sums have that shape. A 1-D tensor has one register layout, so nothing is
-moved through shared memory (with a 2-D grid, Triton versions break the tie between two equally non-contiguous axes
-differently, and the wrong guess moves every decoded value through shared memory).
-
-Consecutive lanes take consecutive parts of a row, and a thread holds several rows of one part. What depends on the
-part alone (its x values, its block and unit indices) is held per part, ``(NB,)``, and spread over the rows
-(``common.spread``, a broadcast that moves no data): each x value is loaded once per thread, not once per row.
-Triton issues one load per element even where the addresses are equal; compiled for sm_90, a step of the 8-row
-MXFP4 launch had 64 loads of x per thread before, 8 now. The format's ``*_dot`` function returns each pair's dot
-product with one row of ``x`` (fp32 throughout); the sums stay per pair until the end, when each row's are added.
+``BN * NB`` (row, part) pairs held as one 1-D axis, pair ``p`` = row ``p // NB``, part ``p % NB``, and every
+quantity in it (the
+block's codes word by word, its scales, the running sums, the x values of its unit) has that shape. A 1-D tensor has
+one register layout, so nothing is moved through shared memory (with a 2-D grid, Triton versions break the tie
+between two equally non-contiguous axes differently, and the wrong guess moves every decoded value through shared
+memory). Consecutive lanes take consecutive parts of a row, and a thread holds several rows of its part: their x
+loads are the same addresses, loaded once. The format's ``*_dot`` function returns each pair's dot product with one
+row of ``x`` (fp32 throughout); the sums stay per pair until the end, when each row's are added.
 
 Units past the end of a program's range are clamped to the last valid one (no masked loads in the loop) and their
 products discarded. The same grouping of (token, expert) pairs as ``matmul`` serves mixture-of-experts.
@@ -26,7 +23,6 @@ import gguf
 import triton
 import triton.language as tl
 
-from orcd_quant_formats.kernels.common import spread
 from orcd_quant_formats.kernels.kquants import q4_k_dot, q5_k_dot, q6_k_dot
 from orcd_quant_formats.kernels.legacy import q4_0_dot, q4_1_dot, q5_0_dot, q5_1_dot, q8_0_dot
 from orcd_quant_formats.kernels.mxfp4 import mxfp4_dot
@@ -44,29 +40,28 @@ _MXFP4 = tl.constexpr(int(T.MXFP4))
 
 
 @triton.jit
-def block_dot(FMT: tl.constexpr, base, xb, u, part, MAGIC, PARTS: tl.constexpr):
-    """Per (row, part) pair: ``sum w x`` over part ``part`` of ``PARTS`` of unit ``u`` (fp32). ``base`` ``(BN * NB,)``
-    points at each pair's block; ``xb``, ``u`` and ``part`` are per part ``(NB,)``: ``xb`` points at x for the
-    block's first value, ``u`` is the unit in the block (K-quants: 0..3)."""
+def block_dot(FMT: tl.constexpr, base, u, xb, MAGIC, part, PARTS: tl.constexpr):
+    """Per (row, unit) pair: ``sum w x`` over part ``part`` of ``PARTS`` of the unit (fp32); ``base`` points at the
+    blocks, ``u`` is the unit in the block (K-quants: 0..3), ``xb`` points at x for the block's first value."""
     if FMT == _Q4_0:
-        r = q4_0_dot(base, xb, u, part, MAGIC, PARTS)
+        r = q4_0_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q4_1:
-        r = q4_1_dot(base, xb, u, part, MAGIC, PARTS)
+        r = q4_1_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q5_0:
-        r = q5_0_dot(base, xb, u, part, MAGIC, PARTS)
+        r = q5_0_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q5_1:
-        r = q5_1_dot(base, xb, u, part, MAGIC, PARTS)
+        r = q5_1_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q8_0:
-        r = q8_0_dot(base, xb, u, part, MAGIC, PARTS)
+        r = q8_0_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q4_K:
-        r = q4_k_dot(base, xb, u, part, MAGIC, PARTS)
+        r = q4_k_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q5_K:
-        r = q5_k_dot(base, xb, u, part, MAGIC, PARTS)
+        r = q5_k_dot(base, u, xb, MAGIC, part, PARTS)
     elif FMT == _Q6_K:
-        r = q6_k_dot(base, xb, u, part, MAGIC, PARTS)
+        r = q6_k_dot(base, u, xb, MAGIC, part, PARTS)
     else:
         tl.static_assert(FMT == _MXFP4, "no decode function for this ggml type")
-        r = mxfp4_dot(base, xb, u, part, MAGIC, PARTS)
+        r = mxfp4_dot(base, u, xb, MAGIC, part, PARTS)
     return r
 
 
@@ -142,26 +137,25 @@ def gemv_kernel(
     acc1 = tl.zeros((BN * NB,), dtype=tl.float32)
     acc2 = tl.zeros((BN * NB,), dtype=tl.float32)
     acc3 = tl.zeros((BN * NB,), dtype=tl.float32)
-    lane = tl.arange(0, NB)
-    magic = tl.where(row_off >= 0, MAGIC, 0)  # a per-thread register: a uniform one cannot share a LOP3 with a mask
     for b0 in range(b_start, b_end, NB):
-        # what depends on the part alone is computed per part, (NB,), and spread over the rows (see common.spread)
-        parts = b0 + lane
-        inside = spread(parts < b_end, BN * NB)
+        parts = b0 + pair % NB
+        inside = parts < b_end
         parts = tl.minimum(parts, b_end - 1)
         part = parts % PARTS
         units = parts // PARTS
         blocks = units // UNITS
         u = units % UNITS
-        base = w_base + row_off + spread(blocks * TYPE_SIZE, BN * NB)
+        base = w_base + row_off + blocks * TYPE_SIZE
         xoff = blocks * QK
-        acc0 += tl.where(inside, block_dot(FMT, base, x0 + xoff, u, part, magic, PARTS), 0.0)
+        # MAGIC as a per-thread register: a uniform one cannot share a LOP3 with a field mask
+        magic = tl.where(units >= 0, MAGIC, 0)
+        acc0 += tl.where(inside, block_dot(FMT, base, u, x0 + xoff, magic, part, PARTS), 0.0)
         if BM > 1:
-            acc1 += tl.where(inside, block_dot(FMT, base, x1 + xoff, u, part, magic, PARTS), 0.0)
+            acc1 += tl.where(inside, block_dot(FMT, base, u, x1 + xoff, magic, part, PARTS), 0.0)
         if BM > 2:
-            acc2 += tl.where(inside, block_dot(FMT, base, x2 + xoff, u, part, magic, PARTS), 0.0)
+            acc2 += tl.where(inside, block_dot(FMT, base, u, x2 + xoff, magic, part, PARTS), 0.0)
         if BM > 3:
-            acc3 += tl.where(inside, block_dot(FMT, base, x3 + xoff, u, part, magic, PARTS), 0.0)
+            acc3 += tl.where(inside, block_dot(FMT, base, u, x3 + xoff, magic, part, PARTS), 0.0)
 
     bias = tl.zeros((BN,), dtype=tl.float32)
     if HAS_BIAS and not PARTIAL:

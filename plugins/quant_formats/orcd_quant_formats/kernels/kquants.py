@@ -5,8 +5,8 @@ stay in registers. Both kinds of function work on a grid of (weight row, unit) p
 for tl.dot): ``base`` points at each pair's super-block and ``u`` is the unit in it. Codes are read as uint16 words
 (every field sits at an even offset) and decoded with ``unmagic`` (see ``common``) at their bit positions.
 
-- ``*_dot`` (decode): the unit's ``sum w x`` for one row of x (``xb``, ``u``, ``part``: per part, ``(NB,)``, x
-  at the super-block's first value; they are spread over the rows with ``common.spread``). Sub-block scales and mins are applied once per sub-block:
+- ``*_dot`` (decode): the unit's ``sum w x`` for one row of x (``xb``: pointers to x at each super-block's first
+  value). Sub-block scales and mins are applied once per sub-block:
   ``sum_i ((d sc) q_i - dmin m) x_i = (d sc) sum_i q_i x_i - (dmin m) sum_i x_i``.
 - ``*_tile`` (tl.dot): the weights as ``(BN, NB * 64)`` (Q6_K: units of 128, half a super-block, so that a unit
   is contiguous in K) in x's dtype ``DT``, in K's natural order (joined word by word, one ``tl.permute``: see
@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from orcd_quant_formats.kernels.common import as_u16, f16_u16, j4, j16, load_bytes, load_u16, spread, unmagic, x_at
+from orcd_quant_formats.kernels.common import as_u16, f16_u16, j4, j16, load_bytes, load_u16, unmagic, x_at
 
 
 @triton.jit
@@ -60,24 +60,22 @@ def _q45_word(base, u, J, magic, HIGH_BIT: tl.constexpr):
 
 
 @triton.jit
-def _q45_k_dot(base, xb, u, part, magic, HIGH_BIT: tl.constexpr, PARTS: tl.constexpr):
-    S: tl.constexpr = base.shape[0]
-    W: tl.constexpr = 16 // PARTS
-    xp = xb + 64 * u + part * (2 * W)
-    uw = spread(u, S)
-    j0 = spread(part, S) * W
+def _q45_k_dot(base, u, xs, magic, HIGH_BIT: tl.constexpr, part, PARTS: tl.constexpr):
+    xb = xs + 64 * u
     a0 = tl.zeros(base.shape, tl.float32)
     a8 = tl.zeros(base.shape, tl.float32)
     b4 = tl.zeros(base.shape, tl.float32)
     b12 = tl.zeros(base.shape, tl.float32)
     xa = tl.zeros(base.shape, tl.float32)
     xz = tl.zeros(base.shape, tl.float32)
+    W: tl.constexpr = 16 // PARTS
     for jj in tl.static_range(W):
-        v0, v8, v4, v12 = _q45_word(base, uw, j0 + jj, magic, HIGH_BIT)
-        x0 = x_at(xp, 2 * jj, S)
-        x1 = x_at(xp, 2 * jj + 1, S)
-        x32 = x_at(xp, 32 + 2 * jj, S)
-        x33 = x_at(xp, 33 + 2 * jj, S)
+        j = part * W + jj
+        v0, v8, v4, v12 = _q45_word(base, u, j, magic, HIGH_BIT)
+        x0 = x_at(xb, 2 * j)
+        x1 = x_at(xb, 2 * j + 1)
+        x32 = x_at(xb, 32 + 2 * j)
+        x33 = x_at(xb, 33 + 2 * j)
         a0 += v0 * x0
         a8 += v8 * x1
         b4 += v4 * x32
@@ -86,20 +84,20 @@ def _q45_k_dot(base, xb, u, part, magic, HIGH_BIT: tl.constexpr, PARTS: tl.const
         xz += x32 + x33
     d = f16_u16(as_u16(base))
     dmin = f16_u16(as_u16(base) + 1)
-    sc_a, mn_a = scale_min(base, 2 * uw)
-    sc_b, mn_b = scale_min(base, 2 * uw + 1)
+    sc_a, mn_a = scale_min(base, 2 * u)
+    sc_b, mn_b = scale_min(base, 2 * u + 1)
     total = (d * sc_a) * (a0 + a8 * (1.0 / 256)) - (dmin * mn_a) * xa
     return total + (d * sc_b) * (b4 * (1.0 / 16) + b12 * (1.0 / 4096)) - (dmin * mn_b) * xz
 
 
 @triton.jit
-def q4_k_dot(base, xb, u, part, magic, PARTS: tl.constexpr):
-    return _q45_k_dot(base, xb, u, part, magic, False, PARTS)
+def q4_k_dot(base, u, xs, magic, part, PARTS: tl.constexpr):
+    return _q45_k_dot(base, u, xs, magic, False, part, PARTS)
 
 
 @triton.jit
-def q5_k_dot(base, xb, u, part, magic, PARTS: tl.constexpr):
-    return _q45_k_dot(base, xb, u, part, magic, True, PARTS)
+def q5_k_dot(base, u, xs, magic, part, PARTS: tl.constexpr):
+    return _q45_k_dot(base, u, xs, magic, True, part, PARTS)
 
 
 @triton.jit
@@ -179,30 +177,27 @@ def _q6_scales(base, u, HALF):
 
 
 @triton.jit
-def q6_k_dot(base, xb, u, part, magic, PARTS: tl.constexpr):
+def q6_k_dot(base, u, xs, magic, part, PARTS: tl.constexpr):
     """Words ``part * W ..`` (``W = 16 / PARTS``) of unit ``u``; a part lies within one half of the words (one pair
     of sub-block scales) unless it is the whole unit."""
-    S: tl.constexpr = base.shape[0]
+    xb = xs + 128 * (u // 2) + 32 * (u % 2)
+    total = tl.zeros(base.shape, tl.float32)
     HALVES: tl.constexpr = 2 if PARTS == 1 else 1
     W: tl.constexpr = 16 // PARTS // HALVES
-    xp = xb + 128 * (u // 2) + 32 * (u % 2) + part * (2 * (16 // PARTS))
-    uw = spread(u, S)
-    t00 = spread(part, S) * (16 // PARTS)
-    total = tl.zeros(base.shape, tl.float32)
     for hh in tl.static_range(HALVES):
-        t0 = t00 + 8 * hh
+        t0 = part * (16 // PARTS) + 8 * hh
         a0 = tl.zeros(base.shape, tl.float32)
         a8 = tl.zeros(base.shape, tl.float32)
         a4 = tl.zeros(base.shape, tl.float32)
         a12 = tl.zeros(base.shape, tl.float32)
         for jj in tl.static_range(W):
-            v0, v8, v4, v12 = _q6_word(base, uw, t0 + jj, magic)
-            t = 8 * hh + jj  # from the part's first word
-            a0 += v0 * x_at(xp, 2 * t, S)
-            a8 += v8 * x_at(xp, 2 * t + 1, S)
-            a4 += v4 * x_at(xp, 64 + 2 * t, S)
-            a12 += v12 * x_at(xp, 65 + 2 * t, S)
-        dla, dlb = _q6_scales(base, uw, t0 // 8)
+            t = t0 + jj
+            v0, v8, v4, v12 = _q6_word(base, u, t, magic)
+            a0 += v0 * x_at(xb, 2 * t)
+            a8 += v8 * x_at(xb, 2 * t + 1)
+            a4 += v4 * x_at(xb, 64 + 2 * t)
+            a12 += v12 * x_at(xb, 65 + 2 * t)
+        dla, dlb = _q6_scales(base, u, t0 // 8)
         total += dla * (a0 + a8 * (1.0 / 256)) + dlb * (a4 * (1.0 / 16) + a12 * (1.0 / 4096))
     return total
 

@@ -6,7 +6,7 @@ tl.dot), read the block's fields as uint16 words and decode codes with ``unmagic
 block; each is kept at its bit position, as ``q << 4k``, and ``2**-4k`` goes into the scale.
 
 - ``*_dot`` (decode): ``sum w x`` over part ``part`` of ``PARTS`` of the block (its words ``part * W ..`` for
-  ``W`` words a part) for one row of x (``xb``: per part, ``(NB,)``, x at the block's first value), summed per bit
+  ``W`` words a part) for one row of x (``xb``: pointers to x at each block's first value), summed per bit
   position, the block scale applied once. Parts let several lanes share a block, so that a warp's loads of codes
   and of x fall in few cache lines.
 - ``*_tile`` (tl.dot): the weights as a ``(BN, NB * 32)`` tile in x's dtype ``DT``, in K's natural order: the
@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from orcd_quant_formats.kernels.common import as_u16, f16_u16, j4, j16, load_u16, spread, unmagic, x_at
+from orcd_quant_formats.kernels.common import as_u16, f16_u16, j4, j16, load_u16, unmagic, x_at
 
 
 @triton.jit
@@ -57,21 +57,19 @@ def load_qh(qh16):
 def nibble_sums(qs16, xb, magic, OFFSET: tl.constexpr, HAS_QH: tl.constexpr, qh, part, PARTS: tl.constexpr):
     """``S = sum_i (q_i - OFFSET) x_i`` over part ``part`` of ``PARTS`` (words ``8 / PARTS`` at a time) of 32-value
     blocks whose 16 code bytes start at ``qs16``, and ``X = sum_i x_i`` over the same values."""
-    S: tl.constexpr = qs16.shape[0]
-    W: tl.constexpr = 8 // PARTS
-    xp = xb + part * (2 * W)
-    j0 = spread(part, S) * W
     p0 = tl.zeros(qs16.shape, tl.float32)
     p4 = tl.zeros(qs16.shape, tl.float32)
     p8 = tl.zeros(qs16.shape, tl.float32)
     p12 = tl.zeros(qs16.shape, tl.float32)
-    xs = tl.zeros(qs16.shape, tl.float32)
+    xs = tl.zeros(xb.shape, tl.float32)
+    W: tl.constexpr = 8 // PARTS
     for jj in tl.static_range(W):
-        v0, v4, v8, v12 = _nibble_word(qs16, j0 + jj, magic, OFFSET, HAS_QH, qh)
-        x0 = x_at(xp, 2 * jj, S)
-        x1 = x_at(xp, 2 * jj + 1, S)
-        x16 = x_at(xp, 16 + 2 * jj, S)
-        x17 = x_at(xp, 17 + 2 * jj, S)
+        j = part * W + jj
+        v0, v4, v8, v12 = _nibble_word(qs16, j, magic, OFFSET, HAS_QH, qh)
+        x0 = x_at(xb, 2 * j)
+        x1 = x_at(xb, 2 * j + 1)
+        x16 = x_at(xb, 16 + 2 * j)
+        x17 = x_at(xb, 17 + 2 * j)
         p0 += v0 * x0
         p4 += v4 * x16
         p8 += v8 * x1
@@ -109,25 +107,25 @@ def nibble_tile(qs16, magic, OFFSET: tl.constexpr, HAS_QH: tl.constexpr, qh, d, 
 
 
 @triton.jit
-def q4_0_dot(base, xb, u, part, magic, PARTS: tl.constexpr):
+def q4_0_dot(base, u, xb, magic, part, PARTS: tl.constexpr):
     s, _ = nibble_sums(as_u16(base + 2), xb, magic, 8.0, False, 0, part, PARTS)
     return s * f16_u16(as_u16(base))
 
 
 @triton.jit
-def q4_1_dot(base, xb, u, part, magic, PARTS: tl.constexpr):
+def q4_1_dot(base, u, xb, magic, part, PARTS: tl.constexpr):
     s, xs = nibble_sums(as_u16(base + 4), xb, magic, 0.0, False, 0, part, PARTS)
     return s * f16_u16(as_u16(base)) + f16_u16(as_u16(base + 2)) * xs
 
 
 @triton.jit
-def q5_0_dot(base, xb, u, part, magic, PARTS: tl.constexpr):
+def q5_0_dot(base, u, xb, magic, part, PARTS: tl.constexpr):
     s, _ = nibble_sums(as_u16(base + 6), xb, magic, 16.0, True, load_qh(as_u16(base + 2)), part, PARTS)
     return s * f16_u16(as_u16(base))
 
 
 @triton.jit
-def q5_1_dot(base, xb, u, part, magic, PARTS: tl.constexpr):
+def q5_1_dot(base, u, xb, magic, part, PARTS: tl.constexpr):
     s, xs = nibble_sums(as_u16(base + 8), xb, magic, 0.0, True, load_qh(as_u16(base + 4)), part, PARTS)
     return s * f16_u16(as_u16(base)) + f16_u16(as_u16(base + 2)) * xs
 
@@ -166,18 +164,16 @@ def _q8_word(qs16, J, magic):
 
 
 @triton.jit
-def q8_0_dot(base, xb, u, part, magic, PARTS: tl.constexpr):
-    S: tl.constexpr = base.shape[0]
-    W: tl.constexpr = 16 // PARTS
-    xp = xb + part * (2 * W)
-    j0 = spread(part, S) * W
+def q8_0_dot(base, u, xb, magic, part, PARTS: tl.constexpr):
     qs16 = as_u16(base + 2)
     p0 = tl.zeros(base.shape, tl.float32)
     p8 = tl.zeros(base.shape, tl.float32)
+    W: tl.constexpr = 16 // PARTS
     for jj in tl.static_range(W):
-        v0, v8 = _q8_word(qs16, j0 + jj, magic)
-        p0 += v0 * x_at(xp, 2 * jj, S)
-        p8 += v8 * x_at(xp, 2 * jj + 1, S)
+        j = part * W + jj
+        v0, v8 = _q8_word(qs16, j, magic)
+        p0 += v0 * x_at(xb, 2 * j)
+        p8 += v8 * x_at(xb, 2 * j + 1)
     return (p0 + p8 * (1.0 / 256)) * f16_u16(as_u16(base))
 
 

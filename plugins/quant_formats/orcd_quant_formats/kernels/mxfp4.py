@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from orcd_quant_formats.kernels.common import j16, spread, x_at
+from orcd_quant_formats.kernels.common import j16, x_at
 
 
 @triton.jit
@@ -36,17 +36,15 @@ def _scale(base):
 
 
 @triton.jit
-def mxfp4_dot(base, xb, u, part, magic, PARTS: tl.constexpr):
+def mxfp4_dot(base, u, xb, magic, part, PARTS: tl.constexpr):
     """Code bytes ``part * W .. (part + 1) * W - 1`` (``W = 16 / PARTS``) of each block, with their x."""
-    S: tl.constexpr = base.shape[0]
-    W: tl.constexpr = 16 // PARTS
-    xp = xb + part * W
-    j0 = spread(part, S) * W
     p = tl.zeros(base.shape, tl.float32)
+    W: tl.constexpr = 16 // PARTS
     for jj in tl.static_range(W):
-        lo, hi = _e2m1_pair(tl.load(base + 1 + j0 + jj).to(tl.int32))
-        p += lo * x_at(xp, jj, S)
-        p += hi * x_at(xp, 16 + jj, S)
+        j = part * W + jj
+        lo, hi = _e2m1_pair(tl.load(base + 1 + j).to(tl.int32))
+        p += lo * x_at(xb, j)
+        p += hi * x_at(xb, 16 + j)
     return (p * 32768.0) * _scale(base)
 
 
