@@ -69,6 +69,17 @@ for step in "$@"; do
       timeout "${STEP_TIMEOUT:-540}" python3 -m orcd.cli bench model --model "$models/$arch-$preset-$ftype.gguf" --device cuda \
         --prompt-tokens "${PROMPT_TOKENS:-512}" --decode-tokens "${DECODE_TOKENS:-128}" ${BENCH_ARGS:---peer none} \
         2>&1 | tee "$OUT/bench-$arch-$preset.txt" | tail -n 12 ;;
+    profile-*)  # profile-ARCH:PRESET:TYPE: where a batch-1 decode step's time goes (PROFILE_ARGS adds e.g. --streams 8)
+      IFS=: read -r arch preset ftype <<< "${step#profile-}"
+      timeout "${STEP_TIMEOUT:-300}" python3 -m orcd.cli bench profile --model "$models/$arch-$preset-$ftype.gguf" \
+        --steps 32 --top 25 ${PROFILE_ARGS:-} > "$OUT/profile-$arch-$preset.txt" 2>&1
+      tail -n 30 "$OUT/profile-$arch-$preset.txt" ;;
+    sweep-*)  # sweep-ARCH:PRESET:TYPE: the decode launch grid on that model's projections; the table goes to $OUT
+      IFS=: read -r arch preset ftype <<< "${step#sweep-}"
+      timeout "${STEP_TIMEOUT:-300}" python3 -m orcd.cli bench kernels --m 1 --dtype float32 --sweep --repeat 10 \
+        --model "$models/$arch-$preset-$ftype.gguf" --tuning-out "$OUT/tuned-$arch-$preset.json" \
+        > "$OUT/sweep-$arch-$preset.txt" 2>&1
+      tail -n 15 "$OUT/sweep-$arch-$preset.txt" ;;
     *) eval "$step" ;;
   esac
   echo "--- $step: $(( $(date +%s) - t0 )) s"
