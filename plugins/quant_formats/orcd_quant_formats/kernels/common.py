@@ -14,11 +14,24 @@ bytes), so they are read as uint16 words: fp16 scales whole, codes two bytes at 
 
 from __future__ import annotations
 
+import gguf
 import triton
 import triton.language as tl
 
 MAGIC_BITS = 0x4B000000
 TWO23: tl.constexpr = tl.constexpr(8388608.0)
+
+# The ggml types as the kernels' ``FMT`` compares them
+_T = gguf.GGMLQuantizationType
+FMT_Q4_0 = tl.constexpr(int(_T.Q4_0))
+FMT_Q4_1 = tl.constexpr(int(_T.Q4_1))
+FMT_Q5_0 = tl.constexpr(int(_T.Q5_0))
+FMT_Q5_1 = tl.constexpr(int(_T.Q5_1))
+FMT_Q8_0 = tl.constexpr(int(_T.Q8_0))
+FMT_Q4_K = tl.constexpr(int(_T.Q4_K))
+FMT_Q5_K = tl.constexpr(int(_T.Q5_K))
+FMT_Q6_K = tl.constexpr(int(_T.Q6_K))
+FMT_MXFP4 = tl.constexpr(int(_T.MXFP4))
 
 
 @triton.jit

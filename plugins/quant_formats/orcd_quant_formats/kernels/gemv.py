@@ -19,48 +19,39 @@ products discarded. The same grouping of (token, expert) pairs as ``matmul`` ser
 
 from __future__ import annotations
 
-import gguf
 import triton
 import triton.language as tl
 
+from orcd_quant_formats.kernels.common import (
+    FMT_MXFP4, FMT_Q4_0, FMT_Q4_1, FMT_Q4_K, FMT_Q5_0, FMT_Q5_1, FMT_Q5_K, FMT_Q6_K, FMT_Q8_0,
+)
 from orcd_quant_formats.kernels.kquants import q4_k_dot, q5_k_dot, q6_k_dot
 from orcd_quant_formats.kernels.legacy import q4_0_dot, q4_1_dot, q5_0_dot, q5_1_dot, q8_0_dot
 from orcd_quant_formats.kernels.mxfp4 import mxfp4_dot
-
-T = gguf.GGMLQuantizationType
-_Q4_0 = tl.constexpr(int(T.Q4_0))
-_Q4_1 = tl.constexpr(int(T.Q4_1))
-_Q5_0 = tl.constexpr(int(T.Q5_0))
-_Q5_1 = tl.constexpr(int(T.Q5_1))
-_Q8_0 = tl.constexpr(int(T.Q8_0))
-_Q4_K = tl.constexpr(int(T.Q4_K))
-_Q5_K = tl.constexpr(int(T.Q5_K))
-_Q6_K = tl.constexpr(int(T.Q6_K))
-_MXFP4 = tl.constexpr(int(T.MXFP4))
 
 
 @triton.jit
 def block_dot(FMT: tl.constexpr, base, u, xb, MAGIC, part, PARTS: tl.constexpr):
     """Per (row, unit) pair: ``sum w x`` over part ``part`` of ``PARTS`` of the unit (fp32); ``base`` points at the
     blocks, ``u`` is the unit in the block (K-quants: 0..3), ``xb`` points at x for the block's first value."""
-    if FMT == _Q4_0:
+    if FMT == FMT_Q4_0:
         r = q4_0_dot(base, u, xb, MAGIC, part, PARTS)
-    elif FMT == _Q4_1:
+    elif FMT == FMT_Q4_1:
         r = q4_1_dot(base, u, xb, MAGIC, part, PARTS)
-    elif FMT == _Q5_0:
+    elif FMT == FMT_Q5_0:
         r = q5_0_dot(base, u, xb, MAGIC, part, PARTS)
-    elif FMT == _Q5_1:
+    elif FMT == FMT_Q5_1:
         r = q5_1_dot(base, u, xb, MAGIC, part, PARTS)
-    elif FMT == _Q8_0:
+    elif FMT == FMT_Q8_0:
         r = q8_0_dot(base, u, xb, MAGIC, part, PARTS)
-    elif FMT == _Q4_K:
+    elif FMT == FMT_Q4_K:
         r = q4_k_dot(base, u, xb, MAGIC, part, PARTS)
-    elif FMT == _Q5_K:
+    elif FMT == FMT_Q5_K:
         r = q5_k_dot(base, u, xb, MAGIC, part, PARTS)
-    elif FMT == _Q6_K:
+    elif FMT == FMT_Q6_K:
         r = q6_k_dot(base, u, xb, MAGIC, part, PARTS)
     else:
-        tl.static_assert(FMT == _MXFP4, "no decode function for this ggml type")
+        tl.static_assert(FMT == FMT_MXFP4, "no decode function for this ggml type")
         r = mxfp4_dot(base, u, xb, MAGIC, part, PARTS)
     return r
 

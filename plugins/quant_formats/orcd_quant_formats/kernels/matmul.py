@@ -33,7 +33,9 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from orcd_quant_formats.kernels import tuning
-from orcd_quant_formats.kernels.common import MAGIC_BITS
+from orcd_quant_formats.kernels.common import (
+    FMT_MXFP4, FMT_Q4_0, FMT_Q4_1, FMT_Q4_K, FMT_Q5_0, FMT_Q5_1, FMT_Q5_K, FMT_Q6_K, FMT_Q8_0, MAGIC_BITS,
+)
 from orcd_quant_formats.kernels.gemv import gemv_kernel
 from orcd_quant_formats.kernels.kquants import q4_k_tile, q5_k_tile, q6_k_tile
 from orcd_quant_formats.kernels.legacy import q4_0_tile, q4_1_tile, q5_0_tile, q5_1_tile, q8_0_tile
@@ -73,38 +75,28 @@ SPECS: dict[int, Spec] = {
     int(T.MXFP4): Spec(32, 17),
 }
 
-_Q4_0 = tl.constexpr(int(T.Q4_0))
-_Q4_1 = tl.constexpr(int(T.Q4_1))
-_Q5_0 = tl.constexpr(int(T.Q5_0))
-_Q5_1 = tl.constexpr(int(T.Q5_1))
-_Q8_0 = tl.constexpr(int(T.Q8_0))
-_Q4_K = tl.constexpr(int(T.Q4_K))
-_Q5_K = tl.constexpr(int(T.Q5_K))
-_Q6_K = tl.constexpr(int(T.Q6_K))
-_MXFP4 = tl.constexpr(int(T.MXFP4))
-
 
 @triton.jit
 def weight_tile(FMT: tl.constexpr, base, u, magic, DT: tl.constexpr):
     """The weights of a ``(BN, NB)`` grid of (row, unit) pairs as ``(BN, NB * unit)`` in ``DT``, in K's order."""
-    if FMT == _Q4_0:
+    if FMT == FMT_Q4_0:
         w = q4_0_tile(base, u, magic, DT)
-    elif FMT == _Q4_1:
+    elif FMT == FMT_Q4_1:
         w = q4_1_tile(base, u, magic, DT)
-    elif FMT == _Q5_0:
+    elif FMT == FMT_Q5_0:
         w = q5_0_tile(base, u, magic, DT)
-    elif FMT == _Q5_1:
+    elif FMT == FMT_Q5_1:
         w = q5_1_tile(base, u, magic, DT)
-    elif FMT == _Q8_0:
+    elif FMT == FMT_Q8_0:
         w = q8_0_tile(base, u, magic, DT)
-    elif FMT == _Q4_K:
+    elif FMT == FMT_Q4_K:
         w = q4_k_tile(base, u, magic, DT)
-    elif FMT == _Q5_K:
+    elif FMT == FMT_Q5_K:
         w = q5_k_tile(base, u, magic, DT)
-    elif FMT == _Q6_K:
+    elif FMT == FMT_Q6_K:
         w = q6_k_tile(base, u, magic, DT)
     else:
-        tl.static_assert(FMT == _MXFP4, "no weight tile for this ggml type")
+        tl.static_assert(FMT == FMT_MXFP4, "no weight tile for this ggml type")
         w = mxfp4_tile(base, u, magic, DT)
     return w
 
