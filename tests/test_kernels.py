@@ -406,8 +406,9 @@ def test_dot_launch_fits_shared_memory(name: str, itemsize: int, want: tuple[int
     assert fits or (small.bm, small.bn, small.stages) == (16, 16, 1)  # else the smallest tile (Q6_K's is 64 KiB)
 
 
-# (format, rows, N, K, grouped): Qwen2.5-0.5B's MLP prefill; GPT-OSS's gate|up for 8 decode streams (32 pairs of
-# top-4, the smallest expert launch past ``EXPERT_DECODE_MAX_PAIRS``) and for a 512-token prompt.
+# (format, rows or pairs, N, K, grouped): Qwen2.5-0.5B's MLP prefill; GPT-OSS's gate|up for 8 decode streams (32
+# pairs of top-4: past ``EXPERT_DECODE_MAX_PAIRS``, planned at ``FMA_MAX_ROWS + 1`` rows, the smallest tl.dot tile)
+# and for a 512-token prompt.
 DOT_LAUNCHES = [(name, 511, 4864, 896, False) for name in ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "MXFP4")] + [
     ("MXFP4", 32, 5760, 2880, True), ("MXFP4", 2048, 5760, 2880, True)]
 
