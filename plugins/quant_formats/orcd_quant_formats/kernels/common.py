@@ -1,5 +1,5 @@
-"""Triton pieces shared by the block families: reading block fields, decoding codes without conversions, and
-assembling tiles.
+"""Triton pieces shared by the block families and the kernels: the ggml type constants the kernels dispatch on,
+reading block fields, decoding codes without conversions, and assembling tiles.
 
 Decoding: OR-ing an unsigned integer v < 2**23 into the bits of 2**23 (0x4B000000) gives the float 2**23 + v
 exactly; subtracting 2**23 (plus any offset the format applies, folded into the same constant) leaves v - offset,
