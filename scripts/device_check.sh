@@ -68,7 +68,7 @@ for step in "$@"; do
       IFS=: read -r arch preset ftype <<< "${step#bench-}"
       timeout "${STEP_TIMEOUT:-540}" python3 -m orcd.cli bench model --model "$models/$arch-$preset-$ftype.gguf" --device cuda \
         --prompt-tokens "${PROMPT_TOKENS:-512}" --decode-tokens "${DECODE_TOKENS:-128}" ${BENCH_ARGS:---peer none} \
-        2>&1 | tee "$OUT/bench-$arch-$preset.txt" | tail -n 12 ;;
+        2>&1 | tee -a "$OUT/bench-$arch-$preset.txt" | tail -n 24 ;;
     profile-*)  # profile-ARCH:PRESET:TYPE: where a batch-1 decode step's time goes (PROFILE_ARGS adds e.g. --streams 8)
       IFS=: read -r arch preset ftype <<< "${step#profile-}"
       timeout "${STEP_TIMEOUT:-300}" python3 -m orcd.cli bench profile --model "$models/$arch-$preset-$ftype.gguf" \

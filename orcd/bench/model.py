@@ -271,13 +271,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _measured(results: list[ModelResult], result: ModelResult) -> None:
+    """Keep ``result`` and say it at once on stderr: a run stopped by a time limit (a slow peer) still leaves
+    what it measured before."""
+    results.append(result)
+    print(f"measured {result.engine} ({result.device}): TTFT {result.ttft_s * 1000:.1f} ms, prompt "
+          f"{result.prompt_tok_s:.1f} tok/s, decode {result.decode_tok_s:.1f} tok/s", file=sys.stderr, flush=True)
+
+
 def run_args(args: argparse.Namespace) -> int:
-    results = [bench_orcd(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeat, args.graphs,
-                          args.overlap)]
+    results: list[ModelResult] = []
+    _measured(results, bench_orcd(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeat,
+                                  args.graphs, args.overlap))
     for n in (int(x) for x in args.streams.split(",")):
         if n > 1:
-            results.append(bench_orcd_streams(args.model, args.device, args.prompt_tokens, args.decode_tokens, n,
-                                              args.graphs, args.overlap))
+            _measured(results, bench_orcd_streams(args.model, args.device, args.prompt_tokens, args.decode_tokens,
+                                                  n, args.graphs, args.overlap))
+    limit = None
+    if args.device.startswith("cuda"):
+        from orcd.bench.dequant import copy_bandwidth
+
+        bandwidth = copy_bandwidth(torch.device(args.device))
+        per_token = bytes_per_token(args.model, args.prompt_tokens + args.decode_tokens // 2)
+        limit = (bandwidth, bandwidth * 1e9 / per_token, per_token)
+        print(f"bandwidth limit: {per_token / 2**20:.1f} MiB per token / {bandwidth:.0f} GB/s = "
+              f"{limit[1]:.0f} tok/s", file=sys.stderr, flush=True)
     peers = [p for p in args.peer.split(",") if p and p != "none"]
     if peers:
         from orcd.modelfile import ModelFile
@@ -288,24 +306,17 @@ def run_args(args: argparse.Namespace) -> int:
         device = args.peer_device or args.device
         try:
             if peer == "llama.cpp":
-                results.append(bench_llama_cpp(args.model, device, args.prompt_tokens, args.decode_tokens,
-                                               args.repeat, prompt))
+                _measured(results, bench_llama_cpp(args.model, device, args.prompt_tokens, args.decode_tokens,
+                                                   args.repeat, prompt))
             elif peer == "transformers":
-                results.append(bench_transformers(args.model, device, args.prompt_tokens, args.decode_tokens,
-                                                  prompt))
+                _measured(results, bench_transformers(args.model, device, args.prompt_tokens, args.decode_tokens,
+                                                      prompt))
             else:
                 print(f"unknown peer {peer!r}", file=sys.stderr)
         except ImportError as e:
             print(f"{peer} is not installed: no {peer} figure in this run ({e})", file=sys.stderr)
         except Exception as e:  # a peer that cannot load the file must not hide orcd's figures
             print(f"{peer} failed on this file: {type(e).__name__}: {e}", file=sys.stderr)
-    limit = None
-    if args.device.startswith("cuda"):
-        from orcd.bench.dequant import copy_bandwidth
-
-        bandwidth = copy_bandwidth(torch.device(args.device))
-        per_token = bytes_per_token(args.model, args.prompt_tokens + args.decode_tokens // 2)
-        limit = (bandwidth, bandwidth * 1e9 / per_token, per_token)
     if args.json:
         print(json.dumps({"results": [asdict(r) for r in results],
                           "bandwidth_limit": None if limit is None else
