@@ -17,7 +17,7 @@ models=/tmp/models; mkdir -p $models
 export TRITON_CACHE_DIR=/tmp/triton-cache; mkdir -p "$TRITON_CACHE_DIR"
 [ -f .peer/triton-cache.tgz ] && tar xzf .peer/triton-cache.tgz -C "$TRITON_CACHE_DIR"
 save_cache() { tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
-  [ "$(stat -c %s "$OUT/triton-cache.tgz" 2>/dev/null || echo 0)" -lt 40000000 ] || rm -f "$OUT/triton-cache.tgz"; }
+  [ "$(stat -c %s "$OUT/triton-cache.tgz" 2>/dev/null || echo 0)" -lt 16000000 ] || rm -f "$OUT/triton-cache.tgz"; }
 trap save_cache EXIT
 trap "exit 143" TERM INT  # the device tool's time limit: exit through the EXIT trap
 
