@@ -200,37 +200,27 @@ def bench_transformers(path: str, device: str, prompt_tokens: int, decode_tokens
 
 
 def bench_llama_cpp(path: str, device: str, prompt_tokens: int, decode_tokens: int, repeat: int,
-                    prompt: list[int]) -> ModelResult:
-    import llama_cpp
+                    prompt: list[int], timeout_s: float = 600.0) -> ModelResult:
+    """llama.cpp in a child process (``orcd.bench.llama_cpp_peer``): two CUDA runtimes in one process are not a
+    fair or a safe comparison (on an H100, llama.cpp loading beside orcd's CUDA graphs ended the process with a
+    segmentation fault), and a peer that crashes must not take orcd's figures with it."""
+    import subprocess
 
-    gpu = device.startswith("cuda")
-    log = tempfile.NamedTemporaryFile(prefix="llama-cpp-", suffix=".log", delete=False)
-    # llama.cpp writes its log to fd 2; keep it out of the table (verbose=False crashes some builds, see NOTES).
-    saved = os.dup(2)
-    os.dup2(log.fileno(), 2)
-    try:
-        started = time.perf_counter()
-        llm = llama_cpp.Llama(path, n_ctx=prompt_tokens + decode_tokens, n_batch=prompt_tokens,
-                              n_gpu_layers=-1 if gpu else 0, flash_attn=gpu, verbose=True)
-        load_s = time.perf_counter() - started
-        best = None
-        for i in range(repeat + 1):
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(prompt)
-            t1 = time.perf_counter()
-            for j in range(decode_tokens - 1):
-                llm.eval([prompt[j % len(prompt)]])
-            t2 = time.perf_counter()
-            if i and (best is None or t2 - t1 < best[1]):
-                best = (t1 - t0, t2 - t1)
-        llm.close()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-    prompt_s, decode_s = best
-    return ModelResult("llama.cpp", "cuda" if gpu else "cpu", prompt_tokens, decode_tokens, load_s, prompt_s,
-                       prompt_tokens / prompt_s, (decode_tokens - 1) / decode_s, None, None)
+    with tempfile.TemporaryDirectory(prefix="orcd-llama-") as tmp:
+        request = os.path.join(tmp, "request.json")
+        with open(request, "w") as f:
+            json.dump({"path": path, "device": device, "prompt_tokens": prompt_tokens,
+                       "decode_tokens": decode_tokens, "repeat": repeat, "prompt": prompt}, f)
+        log = os.path.join(tempfile.gettempdir(), f"llama-cpp-{uuid.uuid4().hex[:8]}.log")
+        with open(log, "w") as err:
+            done = subprocess.run([sys.executable, "-m", "orcd.bench.llama_cpp_peer", request], stdout=subprocess.PIPE,
+                                  stderr=err, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit status {done.returncode}"
+        raise RuntimeError(f"the llama.cpp process ended with {how} (its log: {log})")
+    if "llama_cpp is not installed" in done.stdout:
+        raise ImportError(done.stdout.strip())
+    return ModelResult(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def format_table(results: list[ModelResult], path: str, limit: tuple[float, float, int] | None = None) -> str:

@@ -1,0 +1,57 @@
+"""llama.cpp's figures for ``orcd bench model``, measured in a process of their own.
+
+``python -m orcd.bench.llama_cpp_peer REQUEST.json`` loads the file through ``llama-cpp-python`` (every layer on
+the GPU and flash attention when the device is CUDA), evaluates the prompt, then one token at a time
+``decode_tokens - 1`` times (the token fed does not change the work), ``repeat`` timed runs after a warm-up, and
+prints one JSON line: the fields of ``orcd.bench.model.ModelResult``. llama.cpp's own log goes to stderr (the
+parent sends it to a file): ``verbose=False`` crashes some builds (``../shared/device/NOTES.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def measure(path: str, device: str, prompt_tokens: int, decode_tokens: int, repeat: int, prompt: list[int]) -> dict:
+    import llama_cpp
+
+    gpu = device.startswith("cuda")
+    started = time.perf_counter()
+    llm = llama_cpp.Llama(path, n_ctx=prompt_tokens + decode_tokens, n_batch=prompt_tokens,
+                          n_gpu_layers=-1 if gpu else 0, flash_attn=gpu, verbose=True)
+    load_s = time.perf_counter() - started
+    best = None
+    for i in range(repeat + 1):  # the first run warms up
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        for j in range(decode_tokens - 1):
+            llm.eval([prompt[j % len(prompt)]])
+        t2 = time.perf_counter()
+        if i and (best is None or t2 - t1 < best[1]):
+            best = (t1 - t0, t2 - t1)
+    llm.close()
+    prompt_s, decode_s = best
+    return {"engine": "llama.cpp", "device": "cuda" if gpu else "cpu", "prompt_tokens": prompt_tokens,
+            "decode_tokens": decode_tokens, "load_s": load_s, "ttft_s": prompt_s, "prompt_tok_s": prompt_tokens / prompt_s,
+            "decode_tok_s": (decode_tokens - 1) / decode_s, "memory_bytes": None, "peak_bytes": None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    with open(args[0]) as f:
+        request = json.load(f)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        print(f"llama_cpp is not installed: {e}")
+        return 0
+    print(json.dumps(measure(**request)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
