@@ -51,10 +51,10 @@ def relative(x: torch.Tensor, y: torch.Tensor) -> float:
     return ((x.float() - y.float()).abs().max() / max(1.0, y.float().abs().max().item())).item()
 
 
-def make_step(h_kv: int, h_q: int, device: str, seed: int = 0) -> tuple[PagedKVCache, dict]:
+def make_step(h_kv: int, h_q: int, device: str, seed: int = 0, head_dim: int = HEAD_DIM) -> tuple[PagedKVCache, dict]:
     """A cache whose three sequences sit in interleaved blocks (random history), and one decode step's inputs."""
     g = torch.Generator().manual_seed(seed)
-    cache = PagedKVCache(1, h_kv, HEAD_DIM, n_blocks=12, block_size=BLOCK, device=device, dtype=torch.float16,
+    cache = PagedKVCache(1, h_kv, head_dim, n_blocks=12, block_size=BLOCK, device=device, dtype=torch.float16,
                          scratch_block=True)
     for s, n in enumerate(LENGTHS):
         cache.blocks.admit(s, [0] * n, KV_LENGTH)
@@ -74,7 +74,7 @@ def make_step(h_kv: int, h_q: int, device: str, seed: int = 0) -> tuple[PagedKVC
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=g).to(device)
 
-    step = {"q": rand(b, h_q, 1, HEAD_DIM), "k": rand(b, h_kv, 1, HEAD_DIM), "v": rand(b, h_kv, 1, HEAD_DIM),
+    step = {"q": rand(b, h_q, 1, head_dim), "k": rand(b, h_kv, 1, head_dim), "v": rand(b, h_kv, 1, head_dim),
             "positions": positions, "tables": tables, "sinks": rand(h_q)}
     return cache, step
 
@@ -92,17 +92,17 @@ def oracle(cache: PagedKVCache, step: dict, window: int | None, sinks: bool) -> 
 
 
 def check(device: str, h_q: int, h_kv: int, window: int | None, sinks: bool, splits: int | None, tol: float,
-          monkeypatch: pytest.MonkeyPatch) -> None:
+          monkeypatch: pytest.MonkeyPatch, head_dim: int = HEAD_DIM) -> None:
     from orcd.nn.decode_attention import decode_attention
 
-    cache, step = make_step(h_kv, h_q, device)
-    theirs, _ = make_step(h_kv, h_q, device)  # the same seed: the same cache and step
+    cache, step = make_step(h_kv, h_q, device, head_dim=head_dim)
+    theirs, _ = make_step(h_kv, h_q, device, head_dim=head_dim)  # the same seed: the same cache and step
     got = decode_attention(step["q"], step["k"], step["v"], cache.k[0], cache.v[0], step["tables"],
                            step["positions"], BLOCK, KV_LENGTH, SCALE, window, step["sinks"] if sinks else None,
                            splits=splits)
     monkeypatch.setenv("ORCD_KERNELS", "0")
     want = oracle(theirs, step, window, sinks)
-    assert got.shape == want.shape == (4, h_q, 1, HEAD_DIM) and got.dtype == want.dtype == torch.float32
+    assert got.shape == want.shape == (4, h_q, 1, head_dim) and got.dtype == want.dtype == torch.float32
     assert torch.isfinite(got).all()
     assert torch.equal(cache.k[0], theirs.k[0]) and torch.equal(cache.v[0], theirs.v[0])
     assert relative(got, want) < tol, relative(got, want)
@@ -115,6 +115,18 @@ def check(device: str, h_q: int, h_kv: int, window: int | None, sinks: bool, spl
 @pytest.mark.parametrize("h_q,h_kv", HEADS)
 def test_kernel_equals_update_then_attention(h_q, h_kv, window, sinks, splits, monkeypatch):
     check("cpu", h_q, h_kv, window, sinks, splits, 1e-5, monkeypatch)
+
+
+# One or two query heads per K/V head take the products-summed path (no tl.dot); Phi-3's head dim is 96.
+FMA_HEADS = [(4, 4), (8, 4)]
+
+
+@interpreter_only
+@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("h_q,h_kv", FMA_HEADS)
+def test_kernel_without_dot_equals_update_then_attention(h_q, h_kv, window, splits, monkeypatch):
+    check("cpu", h_q, h_kv, window, False, splits, 1e-5, monkeypatch, head_dim=96)
 
 
 @interpreter_only
@@ -175,6 +187,14 @@ def test_a_gpt_oss_decode_through_the_kernel_equals_the_torch_path(synth_model, 
 @pytest.mark.parametrize("h_q,h_kv", HEADS)
 def test_kernel_equals_update_then_attention_on_cuda(h_q, h_kv, window, sinks, splits, monkeypatch):
     check("cuda", h_q, h_kv, window, sinks, splits, 1e-4 if sinks else 2e-3, monkeypatch)
+
+
+@gpu_test
+@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("h_q,h_kv", FMA_HEADS)
+def test_kernel_without_dot_equals_update_then_attention_on_cuda(h_q, h_kv, window, splits, monkeypatch):
+    check("cuda", h_q, h_kv, window, False, splits, 2e-3, monkeypatch, head_dim=96)
 
 
 @gpu_test

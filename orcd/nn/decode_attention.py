@@ -31,12 +31,16 @@ import triton
 import triton.language as tl
 
 NEG: tl.constexpr = tl.constexpr(-1.0e30)  # "no score yet": finite, so exp(NEG - NEG) = 1 never makes a NaN
-BLOCK_N = 64  # keys per loop step
+BLOCK_N = 32  # keys per loop step (64 spilled registers to local memory on sm_90, see MAX_FMA_GROUP)
 # A key range shorter than this is not worth a second (combine) kernel. Low, because decode has few (sequence, K/V
 # head) pairs (Qwen2.5-0.5B: 2 per sequence): unsplit, two programs would each walk the whole context.
 MIN_SPLIT = 128
 TARGET_PROGRAMS = 128  # split the read until about this many programs run (an H100 has 132 SMs)
 WARPS = 4
+# Up to this many query heads per K/V head (Phi-3: 1), scores and weighted sums are products summed in registers:
+# tl.dot needs 16 rows, so one head's row would be padded to 16, and compiled for sm_90 that kernel (head dim 96)
+# spilled 2.3 KB a thread to local memory; on an H100 it took 486 us a layer at a 544-token context.
+MAX_FMA_GROUP = 2
 
 
 @triton.jit
@@ -47,7 +51,7 @@ def _decode_kernel(
     s_cr, s_ch, s_tb, s_tn, s_pb,
     s_ob, s_oh, s_os,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -96,14 +100,20 @@ def _decode_kernel(
         offs = rows[:, None] * s_cr + hk * s_ch + d[None, :]
         ok = j_ok[:, None] & d_ok[None, :]
         keys = tl.load(kc_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        scores = tl.dot(q, tl.trans(keys), input_precision="ieee")
+        if USE_DOT:
+            scores = tl.dot(q, tl.trans(keys), input_precision="ieee")
+        else:
+            scores = tl.sum(q[:, None, :] * keys[None, :, :], axis=2)
         scores = tl.where(j_ok[None, :], scores, NEG)
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.where(j_ok[None, :], tl.exp(scores - m_new[:, None]), 0.0)
         values = tl.load(vc_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
+        if USE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * values[None, :, :], axis=1)
         m = m_new
 
     out_rows = b * s_ob + heads * s_oh + split * s_os
@@ -207,14 +217,17 @@ def decode_attention(
         target, strides = out, (out.stride(0), out.stride(1), 0)
     sink_arg = sinks if sinks is not None else q
     block_d = max(16, triton.next_power_of_2(d))
+    use_dot = group > MAX_FMA_GROUP
+    block_g = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
     _decode_kernel[(b, h_kv, splits)](
         q, k, v, k_pool, v_pool, tables, positions, sink_arg, target, m, l,
         scale, window or 0, block_size,
         q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1),
         v.stride(3), k_pool.stride(0), k_pool.stride(1), tables.stride(0), tables.stride(1), positions.stride(0),
         *strides,
-        GROUP=group, D=d, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n or BLOCK_N,
-        HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, SPLIT=splits > 1, num_warps=warps or WARPS,
+        GROUP=group, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n or BLOCK_N,
+        HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, SPLIT=splits > 1, USE_DOT=use_dot,
+        num_warps=warps or WARPS,
     )
     if splits > 1:
         _combine_kernel[(b, h_q)](
