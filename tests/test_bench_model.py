@@ -81,3 +81,12 @@ def test_bytes_per_token_counts_what_a_token_reads(synth_model) -> None:
     assert "output.weight" not in tied_model.tensors
     assert bench_model.bytes_per_token(str(tied), 64) == \
         sum(t.n_bytes for t in tied_model.tensors.values()) + tied_config.kv_cache_bytes(64)
+
+
+def test_bench_profile_of_a_prompt_pass(synth_model) -> None:
+    path = synth_model("qwen2", "Q8_0")
+    prof = bench_profile.profile_prefill(str(path), "cpu", prompt_tokens=20, graphs=False)
+    assert prof.prompt_tokens == 20 and prof.steps >= 1 and prof.wall_us > 0
+    names = {op.name for op in prof.host_ops}
+    assert "aten::mm" in names or "aten::matmul" in names or "aten::linear" in names, names
+    assert "a 20-token prompt pass in" in bench_profile.format_profile(prof, str(path))
