@@ -6,7 +6,9 @@ Setup: a real ``PagedKVCache`` (block size 16, a scratch block) holding three se
 padding row at position 0 of the scratch block (as ``StaticDecode`` pads a CUDA-graph batch). One decode step
 stores each sequence's new key and value and attends; the read length ``kv_length`` is larger than any position
 (a length bucket). GQA 14/2 and 64/8 heads of dimension 64, sliding window None and 5, sinks on and off, one key
-range and a read split over several (the combine kernel).
+range and a read split over several (the combine kernel); one and two query heads per K/V head (the path without
+tl.dot) at Phi-3's head dimension 96. Phi-3's launch is also compiled for an H100 (sm_90) and must not spill
+registers to local memory (padded into a tl.dot it spilled 2.3 KB a thread and took 84% of a decode step).
 
 Checks: the pools hold exactly what ``update`` leaves there (same rounding to the cache's dtype); outputs match
 the oracle within ``||out - ref||_max / max(1, ||ref||_max)``:
@@ -30,7 +32,8 @@ from orcd.engine.kv_cache import PagedKVCache
 from orcd.nn.attention import SelfAttention, attention
 from orcd.nn.batch import ForwardBatch
 
-from kernel_support import gpu_test, greedy_tokens, interpreter_only  # sets TRITON_INTERPRET before a kernel module loads
+# kernel_support sets TRITON_INTERPRET before a kernel module loads
+from kernel_support import INTERPRETED, gpu_test, greedy_tokens, interpreter_only, needs_triton
 
 
 @pytest.fixture(autouse=True)
@@ -220,3 +223,42 @@ def test_kernel_step_captures_in_a_cuda_graph():
     graph.replay()
     assert torch.isfinite(out).all()
     assert torch.equal(out, run())
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETED, reason="compiles for sm_90; the interpreter replaces the compiler")
+@pytest.mark.parametrize("window", [None, 2047])
+def test_phi3_launch_compiles_for_sm_90_without_spills(window):
+    """Phi-3-mini's decode attention (32 query heads on 32 K/V heads of dimension 96, split key ranges) as
+    ``decode_attention`` launches it, compiled for an H100 without a GPU; ``cuobjdump -res-usage`` (shipped with
+    Triton) gives its stack frame, where spilled registers go."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from orcd.nn import decode_attention as da
+
+    group, d = 1, 96
+    assert group <= da.MAX_FMA_GROUP
+    consts = {"GROUP": group, "D": d, "BLOCK_G": triton.next_power_of_2(group), "BLOCK_D": triton.next_power_of_2(d),
+              "BLOCK_N": da.FMA_BLOCK_N, "HAS_WINDOW": window is not None, "HAS_SINKS": False, "SPLIT": True,
+              "USE_DOT": False}
+    fn = da._decode_kernel
+    types = {"tables_ptr": "*i32", "pos_ptr": "*i64", "kc_ptr": "*fp16", "vc_ptr": "*fp16", "scale": "fp32"}
+    signature = {a: "constexpr" if a in consts else types.get(a, "*fp32" if a.endswith("_ptr") else "i32")
+                 for a in fn.arg_names}
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": da.WARPS})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    stack = re.search(r"STACK:(\d+)", usage)
+    assert stack is not None, usage
+    assert int(stack.group(1)) == 0, usage

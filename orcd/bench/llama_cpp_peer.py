@@ -36,7 +36,8 @@ def measure(path: str, device: str, prompt_tokens: int, decode_tokens: int, repe
     llm.close()
     prompt_s, decode_s = best
     return {"engine": "llama.cpp", "device": "cuda" if gpu else "cpu", "prompt_tokens": prompt_tokens,
-            "decode_tokens": decode_tokens, "load_s": load_s, "ttft_s": prompt_s, "prompt_tok_s": prompt_tokens / prompt_s,
+            "decode_tokens": decode_tokens, "load_s": load_s, "ttft_s": prompt_s,
+            "prompt_tok_s": prompt_tokens / prompt_s,
             "decode_tok_s": (decode_tokens - 1) / decode_s, "memory_bytes": None, "peak_bytes": None}
 
 

@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 NEG: tl.constexpr = tl.constexpr(-1.0e30)  # "no score yet": finite, so exp(NEG - NEG) = 1 never makes a NaN
-BLOCK_N = 32  # keys per loop step (64 spilled registers to local memory on sm_90, see MAX_FMA_GROUP)
+BLOCK_N = 64  # keys per loop step (the launch timed on an H100; compiled for sm_90 it spills ~500 B a thread, 32 keys
+# do not: that launch has not been timed)
 # A key range shorter than this is not worth a second (combine) kernel. Low, because decode has few (sequence, K/V
 # head) pairs (Qwen2.5-0.5B: 2 per sequence): unsplit, two programs would each walk the whole context.
 MIN_SPLIT = 128
@@ -41,6 +42,7 @@ WARPS = 4
 # tl.dot needs 16 rows, so one head's row would be padded to 16, and compiled for sm_90 that kernel (head dim 96)
 # spilled 2.3 KB a thread to local memory; on an H100 it took 486 us a layer at a 544-token context.
 MAX_FMA_GROUP = 2
+FMA_BLOCK_N = 32  # keys per loop step there: 168 registers a thread on sm_90 (254 with 64 keys)
 
 
 @triton.jit
@@ -225,7 +227,7 @@ def decode_attention(
         q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1),
         v.stride(3), k_pool.stride(0), k_pool.stride(1), tables.stride(0), tables.stride(1), positions.stride(0),
         *strides,
-        GROUP=group, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n or BLOCK_N,
+        GROUP=group, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n or (BLOCK_N if use_dot else FMA_BLOCK_N),
         HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, SPLIT=splits > 1, USE_DOT=use_dot,
         num_warps=warps or WARPS,
     )
