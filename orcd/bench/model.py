@@ -201,9 +201,10 @@ def bench_transformers(path: str, device: str, prompt_tokens: int, decode_tokens
 
 def bench_llama_cpp(path: str, device: str, prompt_tokens: int, decode_tokens: int, repeat: int,
                     prompt: list[int], timeout_s: float = 600.0) -> ModelResult:
-    """llama.cpp in a child process (``orcd.bench.llama_cpp_peer``): two CUDA runtimes in one process are not a
-    fair or a safe comparison (on an H100, llama.cpp loading beside orcd's CUDA graphs ended the process with a
-    segmentation fault), and a peer that crashes must not take orcd's figures with it."""
+    """llama.cpp in a child process (``orcd.bench.llama_cpp_peer``). Loaded in orcd's process after orcd's
+    CUDA-graph runs, on an H100, it ended the process with a segmentation fault (cause not found; alone it ran), and
+    a peer that crashes must not take orcd's figures with it. A child that crashes or outlasts ``timeout_s`` raises
+    here, and ``run_args`` prints that instead of the peer's row."""
     import subprocess
 
     with tempfile.TemporaryDirectory(prefix="orcd-llama-") as tmp:

@@ -4,7 +4,8 @@ kernel per layer (two when a long read is split over key ranges).
 Imported lazily (``PagedKVCache.decode_attention``): this module needs Triton, the core does not.
 
 One program per (sequence, key/value head, key range) serves the ``H_q / H_kv`` query heads of that K/V head
-(rows of one ``tl.dot``), so each key and value row is read once. It
+(rows of one ``tl.dot``; one or two heads sum products in registers instead, ``MAX_FMA_GROUP``), so each key and
+value row is read once. It
 
 - stores the sequence's new key and value into the pool row of its position (``table[p // bs] * bs + p % bs``),
   rounded to the pool's dtype; only the program whose key range holds the position stores, and no program of the
