@@ -219,6 +219,30 @@ def test_tuning_table_gives_the_measured_launch(formats: dict[str, QuantFormat],
     assert relative_error(got, x.double() @ torch.from_numpy(w).T) < TOLERANCE[torch.float32]
 
 
+@needs_triton
+def test_packaged_tuning_tables_hold_valid_decode_launches() -> None:
+    """Every entry of every shipped table (``kernels/tuned/*.json``) is taken as it stands: a decode launch for its
+    key's rows, valid for its key's row length, so no entry falls back to the rule with a warning at run time."""
+    import json
+    import re
+
+    from orcd_quant_formats.kernels import tuning
+
+    matmul = matmul_module()
+    files = sorted(tuning.TUNED_DIR.glob("*.json"))
+    assert files, f"no tables in {tuning.TUNED_DIR}"
+    for path in files:
+        data = json.loads(path.read_text())
+        assert tuning.device_file(data["device"]) == path, path
+        for key, entry in data["configs"].items():
+            name, rows, n, k, experts = re.fullmatch(r"(\w+):(\d+):(\d+)x(\d+)(:experts)?", key).groups()
+            t = int(gguf.GGMLQuantizationType[name])
+            assert tuning.key(t, int(rows), int(n), int(k), bool(experts)) == key
+            cfg = matmul.Config(**entry)
+            assert not cfg.dot and cfg.bm == int(rows), (path.name, key)
+            matmul._checked(matmul.SPECS[t], cfg, int(k))
+
+
 def test_tuning_file_that_cannot_be_read_is_named(tuning_file) -> None:
     from orcd_quant_formats.kernels import tuning
 
