@@ -125,6 +125,47 @@ def test_interpreted_linear(formats: dict[str, QuantFormat], name: str, path: st
     assert relative_error(got, ref) < TOLERANCE[dtype]
 
 
+def dequant_module():
+    from orcd_quant_formats.kernels import dequant
+
+    return dequant
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("name", KERNEL_FORMATS)
+def test_interpreted_prompt_dequantize_is_gguf_exactly(formats: dict[str, QuantFormat], name: str,
+                                                       dtype: torch.dtype) -> None:
+    """The prompt path's scratch tile holds gguf's values to the bit (fp16: gguf's fp32 values rounded to fp16, as
+    the reference path rounds them), over 37 rows (a partial block of rows) and a K that ends mid-step."""
+    fmt = formats[name]
+    K, N = tiny_k(fmt), 37
+    raw, w = random_weight(fmt, (N, K), np.random.default_rng(6))
+    got = dequant_module().dequantize(torch.from_numpy(raw), int(fmt.ggml_type), K, dtype)
+    assert got.shape == (N, K) and got.dtype == dtype
+    assert torch.equal(got, torch.from_numpy(w.astype(np.float32)).to(dtype))
+
+
+@interpreter_only
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "MXFP4"])
+def test_interpreted_prompt_linear_in_tiles_equals_the_reference(formats: dict[str, QuantFormat], name: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weight rows taken a few at a time (a scratch tile of 2 rows' values: 10 tiles for 19 rows, the last one
+    short) give the product of the whole matrix, bias included, within fp32's 1e-5."""
+    dequant = dequant_module()
+    fmt = formats[name]
+    K, N, M = tiny_k(fmt), 19, 5
+    monkeypatch.setattr(dequant, "TILE_ELEMENTS", 2 * K)
+    rng = np.random.default_rng(7)
+    raw, w = random_weight(fmt, (N, K), rng)
+    x = torch.from_numpy(rng.standard_normal((M, K), dtype=np.float32))
+    bias = torch.from_numpy(rng.standard_normal(N, dtype=np.float32))
+    got = dequant.linear(x, torch.from_numpy(raw), int(fmt.ggml_type), N, K, bias)
+    ref = x.double() @ torch.from_numpy(w).T + bias.double()
+    assert got.shape == (M, N) and got.dtype == torch.float32
+    assert relative_error(got, ref) < TOLERANCE[torch.float32]
+
+
 @interpreter_only
 @pytest.mark.parametrize(("name", "path"), [
     *[(name, path) for name in ("MXFP4", "Q4_K", "Q8_0", "Q6_K") for path in ("decode", "dot", "auto")],

@@ -1,7 +1,9 @@
 """Fused dequantize-matmul kernels (Triton) behind ``QuantFormat.linear``, and the mixture-of-experts projection.
 
 They run only where they can: ``x`` on a CUDA device, Triton importable, a format with a tile function
-(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4), fp16/bf16/fp32 ``x``. Everywhere else the functions here
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4), fp16/bf16/fp32 ``x``. A linear with many rows of ``x`` (a
+prompt: ``dequant.MIN_ROWS`` or more) decodes its weights into a bounded scratch tile and multiplies with torch's GEMM
+(``dequant``); fewer rows run the fused kernels of ``matmul``. Everywhere else the functions here
 return ``None`` and the caller keeps the reference path (dequantize, then matmul), which also stays the oracle:
 ``ORCD_KERNELS=0`` switches the kernels off. Nothing here imports Triton until a CUDA tensor asks for it, so the
 plugin imports and works without Triton or a GPU.
@@ -34,6 +36,13 @@ def _matmul() -> ModuleType | None:
     return matmul
 
 
+@functools.cache
+def _dequant() -> ModuleType:
+    from orcd_quant_formats.kernels import dequant  # Triton is importable once _matmul() was
+
+    return dequant
+
+
 def _usable(x: torch.Tensor, weight: QuantizedTensor) -> ModuleType | None:
     if not (x.is_cuda and kernels_enabled() and x.dtype in DTYPES and weight.device == x.device):
         return None
@@ -54,6 +63,11 @@ def fused_linear(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | 
     if mod is None or len(weight.shape) != 2:
         return None
     n, k = weight.shape
+    x2 = mod.as_rows(x, k)
+    dequant = _dequant()
+    if x2.shape[0] >= dequant.MIN_ROWS:
+        out = dequant.linear(x2, weight.data, int(weight.fmt.ggml_type), n, k, bias)
+        return out.reshape(*x.shape[:-1], n)
     return mod.linear(x, weight.data, int(weight.fmt.ggml_type), n, k, bias)
 
 

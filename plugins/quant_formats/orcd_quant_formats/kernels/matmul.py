@@ -434,7 +434,8 @@ def _launch_dot(args: tuple, flags: dict, grid: tuple[int, int, int], x: torch.T
             precision, bn = "ieee", flags["BN"]
 
 
-def _rows(x: torch.Tensor, K: int) -> torch.Tensor:
+def as_rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    """``x (..., K)`` as a ``(rows, K)`` view (a copy where its last axis is strided), the kernels' layout."""
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} columns, the weight rows hold {K} values")
     x2 = x.reshape(-1, K)
@@ -447,7 +448,7 @@ def linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for ``W`` = ``data`` (``(N, row_bytes)`` uint8 blocks of ``ggml_type``, rows of ``K``
     values); ``x`` is ``(..., K)`` fp16/bf16/fp32, the result ``(..., N)`` in ``x``'s dtype."""
-    x2 = _rows(x, K)
+    x2 = as_rows(x, K)
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
@@ -520,7 +521,7 @@ def expert_linear(
     ``(n_expert, N)``. ``ids`` is ``(T, k)`` (token ``t`` of ``x (T, K)`` through ``k`` experts: pair ``p`` reads
     x row ``p // k``) or ``(P,)`` (one expert per row of ``x (P, K)``). Returns ``(P, N)`` in ``x``'s dtype.
     """
-    x2 = _rows(x, K)
+    x2 = as_rows(x, K)
     per_row = 1 if ids.dim() == 1 else ids.shape[-1]
     P = ids.numel()
     if x2.shape[0] * per_row != P:
