@@ -471,11 +471,11 @@ def test_dot_launch_fits_shared_memory(name: str, itemsize: int, want: tuple[int
     assert fits or (small.bm, small.bn, small.stages) == (16, 16, 1)  # else the smallest tile (Q6_K's is 64 KiB)
 
 
-# (format, rows or pairs, N, K, grouped): Qwen2.5-0.5B's MLP prefill; GPT-OSS's gate|up for 8 decode streams (32
+# (format, rows or pairs, N, K, grouped): Qwen2.5-0.5B's MLP prefill; GPT-OSS's gate|up for 32 decode streams (128
 # pairs of top-4: past ``EXPERT_DECODE_MAX_PAIRS``, planned at ``FMA_MAX_ROWS + 1`` rows, the smallest tl.dot tile)
 # and for a 512-token prompt.
 DOT_LAUNCHES = [(name, 511, 4864, 896, False) for name in ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "MXFP4")] + [
-    ("MXFP4", 32, 5760, 2880, True), ("MXFP4", 2048, 5760, 2880, True)]
+    ("MXFP4", 128, 5760, 2880, True), ("MXFP4", 2048, 5760, 2880, True)]
 
 
 @needs_triton
@@ -516,24 +516,26 @@ H100_SHARED = 232448  # bytes of shared memory one program may use on an H100 (s
 
 @needs_triton
 def test_expert_rule_groups_pairs_past_a_few_tokens() -> None:
-    """Up to ``EXPERT_DECODE_MAX_PAIRS`` pairs (GPT-OSS: 4 tokens of top-4) take the decode kernel at their mean
+    """Up to ``EXPERT_DECODE_MAX_PAIRS`` pairs (GPT-OSS: 8 tokens of top-4) take the decode kernel at their mean
     pairs per expert; more are planned as tl.dot blocks (at least ``FMA_MAX_ROWS + 1`` rows), prefill unchanged."""
     matmul = matmul_module()
-    assert matmul.expert_rows(4, 32) == 1 and matmul.expert_rows(16, 32) == 1 and matmul.expert_rows(16, 8) == 2
-    assert matmul.expert_rows(32, 32) == matmul.FMA_MAX_ROWS + 1 == matmul.expert_rows(128, 32)
+    assert matmul.expert_rows(4, 32) == 1 and matmul.expert_rows(32, 32) == 1 and matmul.expert_rows(16, 8) == 2
+    assert matmul.expert_rows(36, 32) == matmul.FMA_MAX_ROWS + 1 == matmul.expert_rows(128, 32)
     assert matmul.expert_rows(2048, 32) == 64
     spec = matmul.SPECS[int(T.MXFP4)]
     assert matmul.pick_config(spec, matmul.expert_rows(128, 32), 5760, 2880).dot
     assert not matmul.pick_config(spec, matmul.expert_rows(4, 32), 5760, 2880).dot
+    assert not matmul.pick_config(spec, matmul.expert_rows(32, 32), 5760, 2880).dot
 
 
 @interpreter_only
 def test_interpreted_experts_past_the_decode_pairs(formats: dict[str, QuantFormat]) -> None:
-    """Nine tokens through their top-2 experts (18 pairs) take the grouped tl.dot path on their own: equal to the
-    dequantized reference within the formats' fp32 tolerance."""
+    """Seventeen tokens through their top-2 experts (34 pairs, past ``EXPERT_DECODE_MAX_PAIRS``) take the grouped
+    tl.dot path on their own: equal to the dequantized reference within the formats' fp32 tolerance."""
     matmul = matmul_module()
     fmt = formats["MXFP4"]
-    E, N, K, top_k, tokens = 4, 19, tiny_k(fmt), 2, 9
+    E, N, K, top_k, tokens = 4, 19, tiny_k(fmt), 2, 17
+    assert tokens * top_k > matmul.EXPERT_DECODE_MAX_PAIRS
     rng = np.random.default_rng(5)
     raw, w = random_weight(fmt, (E, N, K), rng)
     w = torch.from_numpy(w).reshape(E, N, K)

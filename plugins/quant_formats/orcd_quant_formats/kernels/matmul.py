@@ -199,9 +199,10 @@ MIN_STEPS_PER_SPLIT = 2
 # Expert projections with more (token, expert) pairs than this go grouped by expert through tl.dot. The decode
 # kernel reads an expert once per pair (blocks of one pair) or decodes its blocks once per pair (up to 4 a block):
 # on an H100, GPT-OSS-20B's steps of 4, 32 and 128 pairs (1, 8, 32 streams) took 3.1, 15.3 and 62 ms with it.
-# tl.dot reads each chosen expert once per block of pairs (this rule is not yet timed). Up to 16 (GPT-OSS: 4 tokens)
-# pairs rarely share an expert, and grouping them costs ~15 small kernels per launch.
-EXPERT_DECODE_MAX_PAIRS = 16
+# tl.dot reads each chosen expert once per block of pairs: with it (past 16 pairs, 2026-12-07, same GPU model), the
+# steps of 32 and 128 pairs took 29.4 and 41.5 ms (8 / 272.1 and 32 / 771.4 tok/s). So 8 streams' 32 pairs stay on
+# the decode kernel and 32 streams' 128 go grouped; the crossing in between is not measured.
+EXPERT_DECODE_MAX_PAIRS = 32
 
 
 @dataclass(frozen=True)
