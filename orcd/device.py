@@ -134,18 +134,23 @@ def serving_context(config: Any, device: torch.device, kv_cache_mb: int | None) 
     return n_ctx
 
 
+# Kernels' scratch: a prompt's weight tile (a quant plugin's dequantize-then-GEMM path: up to 16 Mi values, 64 MiB
+# in fp32) and split-K partial sums, with room to spare.
+KERNEL_SCRATCH = 128 << 20
+
+
 def estimate_need(model: Any, config: Any, device: torch.device, n_ctx: int) -> MemoryNeed:
     """Bytes the model will take on ``device`` when served at ``n_ctx`` tokens (``model`` is a ``ModelFile``).
 
     The workspace term bounds a prefill of ``n_ctx`` tokens: a few hidden-size and feed-forward activations per
     token in FP32, one layer's attention scores (``heads × n_ctx²`` when attention is not fused, capped at 1 GiB
-    because the engine chunks long prefills) and the logits row; plus 64 MiB for kernels' scratch."""
+    because the engine chunks long prefills) and the logits row; plus ``KERNEL_SCRATCH`` for kernels' scratch."""
     weights = sum(t.n_bytes for t in model.tensors.values())
     kv = n_ctx * kv_bytes_per_token(config, kv_element_bytes(device))
     activations = 4 * n_ctx * (4 * config.embedding_length + 2 * config.feed_forward_length)
     scores = min(4 * config.head_count * n_ctx * n_ctx, 1 << 30)
     logits = 4 * config.vocab_size * 2
-    return MemoryNeed(weights=weights, kv_cache=kv, workspace=activations + scores + logits + (64 << 20))
+    return MemoryNeed(weights=weights, kv_cache=kv, workspace=activations + scores + logits + KERNEL_SCRATCH)
 
 
 def check_fits(need: MemoryNeed, device: torch.device, path: str | Path) -> int:
