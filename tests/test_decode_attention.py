@@ -8,7 +8,9 @@ stores each sequence's new key and value and attends; the read length ``kv_lengt
 (a length bucket). GQA 14/2 and 64/8 heads of dimension 64, sliding window None and 5, sinks on and off, one key
 range and a read split over several (the combine kernel); one and two query heads per K/V head (the path without
 tl.dot) at Phi-3's head dimension 96. Phi-3's launch is also compiled for an H100 (sm_90) and must not spill
-registers to local memory (padded into a tl.dot it spilled 2.3 KB a thread and took 84% of a decode step).
+registers to local memory (padded into a tl.dot it spilled 2.3 KB a thread and took 84% of a decode step); so
+must GPT-OSS's sliding-window launch (tl.dot at 32 keys a step; with a window the kernel tests above run that
+launch too).
 
 Checks: the pools hold exactly what ``update`` leaves there (same rounding to the cache's dtype); outputs match
 the oracle within ``||out - ref||_max / max(1, ||ref||_max)``:
@@ -225,13 +227,9 @@ def test_kernel_step_captures_in_a_cuda_graph():
     assert torch.equal(out, run())
 
 
-@needs_triton
-@pytest.mark.skipif(INTERPRETED, reason="compiles for sm_90; the interpreter replaces the compiler")
-@pytest.mark.parametrize("window", [None, 2047])
-def test_phi3_launch_compiles_for_sm_90_without_spills(window):
-    """Phi-3-mini's decode attention (32 query heads on 32 K/V heads of dimension 96, split key ranges) as
-    ``decode_attention`` launches it, compiled for an H100 without a GPU; ``cuobjdump -res-usage`` (shipped with
-    Triton) gives its stack frame, where spilled registers go."""
+def _sm90_stack_bytes(consts: dict) -> tuple[int, str]:
+    """``_decode_kernel`` with ``consts`` compiled for an H100 (sm_90) without a GPU: its stack frame in bytes, where
+    spilled registers go, from ``cuobjdump -res-usage`` (shipped with Triton), and the whole report."""
     import os
     import re
     import subprocess
@@ -243,11 +241,6 @@ def test_phi3_launch_compiles_for_sm_90_without_spills(window):
 
     from orcd.nn import decode_attention as da
 
-    group, d = 1, 96
-    assert group <= da.MAX_FMA_GROUP
-    consts = {"GROUP": group, "D": d, "BLOCK_G": triton.next_power_of_2(group), "BLOCK_D": triton.next_power_of_2(d),
-              "BLOCK_N": da.FMA_BLOCK_N, "HAS_WINDOW": window is not None, "HAS_SINKS": False, "SPLIT": True,
-              "USE_DOT": False}
     fn = da._decode_kernel
     types = {"tables_ptr": "*i32", "pos_ptr": "*i64", "kc_ptr": "*fp16", "vc_ptr": "*fp16", "scale": "fp32"}
     signature = {a: "constexpr" if a in consts else types.get(a, "*fp32" if a.endswith("_ptr") else "i32")
@@ -261,4 +254,37 @@ def test_phi3_launch_compiles_for_sm_90_without_spills(window):
         usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     stack = re.search(r"STACK:(\d+)", usage)
     assert stack is not None, usage
-    assert int(stack.group(1)) == 0, usage
+    return int(stack.group(1)), usage
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETED, reason="compiles for sm_90; the interpreter replaces the compiler")
+@pytest.mark.parametrize("window", [None, 2047])
+def test_phi3_launch_compiles_for_sm_90_without_spills(window):
+    """Phi-3-mini's decode attention (32 query heads on 32 K/V heads of dimension 96, split key ranges) as
+    ``decode_attention`` launches it, compiled for an H100 without a GPU, keeps every value in registers."""
+    import triton
+
+    from orcd.nn import decode_attention as da
+
+    group, d = 1, 96
+    assert group <= da.MAX_FMA_GROUP
+    consts = {"GROUP": group, "D": d, "BLOCK_G": triton.next_power_of_2(group), "BLOCK_D": triton.next_power_of_2(d),
+              "BLOCK_N": da._block_n(False, window), "HAS_WINDOW": window is not None, "HAS_SINKS": False,
+              "SPLIT": True, "USE_DOT": False}
+    stack, usage = _sm90_stack_bytes(consts)
+    assert stack == 0, usage
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETED, reason="compiles for sm_90; the interpreter replaces the compiler")
+def test_gpt_oss_window_launch_compiles_for_sm_90_without_spills():
+    """GPT-OSS's sliding-window layers (64 query heads on 8 K/V heads of dimension 64, sinks, split ranges) take the
+    tl.dot path at ``WINDOW_BLOCK_N`` keys a step, which keeps every value in registers on sm_90."""
+    from orcd.nn import decode_attention as da
+
+    consts = {"GROUP": 8, "D": 64, "BLOCK_G": 16, "BLOCK_D": 64, "BLOCK_N": da._block_n(True, 128),
+              "HAS_WINDOW": True, "HAS_SINKS": True, "SPLIT": True, "USE_DOT": True}
+    assert consts["BLOCK_N"] == da.WINDOW_BLOCK_N
+    stack, usage = _sm90_stack_bytes(consts)
+    assert stack == 0, usage

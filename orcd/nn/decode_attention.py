@@ -32,8 +32,11 @@ import triton
 import triton.language as tl
 
 NEG: tl.constexpr = tl.constexpr(-1.0e30)  # "no score yet": finite, so exp(NEG - NEG) = 1 never makes a NaN
-BLOCK_N = 64  # keys per loop step (the launch timed on an H100; compiled for sm_90 it spills ~500 B a thread, 32 keys
-# do not: that launch has not been timed)
+# Keys per loop step of the tl.dot path. Compiled for sm_90, 64 keys spill ~500 B a thread and 32 do not. Timed on an
+# H100 (a 640-key read at position 576, 20 graph replays, 2026-12-07): without a window 64 keys were faster (Qwen2.5
+# 14.50 vs 16.34 us a layer, GPT-OSS 14.57 vs 16.31); in GPT-OSS's 128-key window 32 keys were (7.34 vs 9.46).
+BLOCK_N = 64
+WINDOW_BLOCK_N = 32
 # A key range shorter than this is not worth a second (combine) kernel. Low, because decode has few (sequence, K/V
 # head) pairs (Qwen2.5-0.5B: 2 per sequence): unsplit, two programs would each walk the whole context.
 MIN_SPLIT = 128
@@ -178,6 +181,12 @@ def n_splits(kv_length: int, programs: int) -> int:
     return max(1, min(-(-kv_length // MIN_SPLIT), TARGET_PROGRAMS // max(1, programs)))
 
 
+def _block_n(use_dot: bool, window: int | None) -> int:
+    if not use_dot:
+        return FMA_BLOCK_N
+    return BLOCK_N if window is None else WINDOW_BLOCK_N
+
+
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -199,7 +208,7 @@ def decode_attention(
     attend ``q`` ``(B, H_q, 1, D)`` over positions ``<= positions[b]`` (``(B, 1)``, device) of the sequence's
     blocks ``tables`` ``(B, n)``; ``kv_length`` bounds every position. Returns ``(B, H_q, 1, D)`` in q's dtype.
     ``splits``, ``block_n`` and ``warps`` force the launch (tests, tuning); by default ``n_splits`` picks the number
-    of key ranges, and ``BLOCK_N`` and ``WARPS`` the rest."""
+    of key ranges, ``_block_n`` the keys per step and ``WARPS`` the warps."""
     b, h_q, t, d = q.shape
     h_kv = k.shape[1]
     if t != 1 or h_q % h_kv or k.shape != (b, h_kv, 1, d) or v.shape != k.shape:
@@ -228,7 +237,7 @@ def decode_attention(
         q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1),
         v.stride(3), k_pool.stride(0), k_pool.stride(1), tables.stride(0), tables.stride(1), positions.stride(0),
         *strides,
-        GROUP=group, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n or (BLOCK_N if use_dot else FMA_BLOCK_N),
+        GROUP=group, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n or _block_n(use_dot, window),
         HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, SPLIT=splits > 1, USE_DOT=use_dot,
         num_warps=warps or WARPS,
     )
