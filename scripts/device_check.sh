@@ -74,12 +74,13 @@ for step in "$@"; do
       timeout "${STEP_TIMEOUT:-300}" python3 -m orcd.cli bench profile --model "$models/$arch-$preset-$ftype.gguf" \
         --steps 32 --top 25 ${PROFILE_ARGS:-} > "$OUT/profile-$arch-$preset.txt" 2>&1
       tail -n 30 "$OUT/profile-$arch-$preset.txt" ;;
-    sweep-*)  # sweep-ARCH:PRESET:TYPE: the decode launch grid on that model's projections; the table goes to $OUT
+    sweep-*)  # sweep-ARCH:PRESET:TYPE: the decode launch grid on that model's projections (SWEEP_M rows of x,
+      # default 1); the table goes to $OUT
       IFS=: read -r arch preset ftype <<< "${step#sweep-}"
-      timeout "${STEP_TIMEOUT:-300}" python3 -m orcd.cli bench kernels --m 1 --dtype float32 --sweep --repeat 10 \
-        --model "$models/$arch-$preset-$ftype.gguf" --tuning-out "$OUT/tuned-$arch-$preset.json" \
-        > "$OUT/sweep-$arch-$preset.txt" 2>&1
-      tail -n 15 "$OUT/sweep-$arch-$preset.txt" ;;
+      timeout "${STEP_TIMEOUT:-300}" python3 -m orcd.cli bench kernels --m "${SWEEP_M:-1}" --dtype float32 --sweep \
+        --repeat 10 --model "$models/$arch-$preset-$ftype.gguf" --tuning-out "$OUT/tuned-$arch-$preset-m${SWEEP_M:-1}.json" \
+        > "$OUT/sweep-$arch-$preset-m${SWEEP_M:-1}.txt" 2>&1
+      tail -n 15 "$OUT/sweep-$arch-$preset-m${SWEEP_M:-1}.txt" ;;
     *) eval "$step" ;;
   esac
   echo "--- $step: $(( $(date +%s) - t0 )) s"

@@ -82,6 +82,7 @@ def interpreter_configs():
         "decode-pairs": matmul.Config(bm=1, bn=16, dot=False, nb=2, split=1),  # experts: one pair per block
         "decode-parts": matmul.Config(bm=3, bn=16, dot=False, nb=8, split=1, parts=4),  # lanes share a unit
         "decode-parts-split": matmul.Config(bm=1, bn=16, dot=False, nb=4, split=3, parts=8),  # ranges cut units
+        "decode-8": matmul.Config(bm=8, bn=16, dot=False, nb=8, split=1, parts=4),  # 8 rows of x, one missing
         "dot": matmul.Config(bm=16, bn=16, dot=True, nb=2, split=1),  # legacy: K = 96 ends in a tail step
         "dot-split": matmul.Config(bm=16, bn=16, dot=True, nb=1, split=2),  # one unit per step: slow on GPUs, valid
     }
@@ -106,14 +107,14 @@ def test_interpreted_tiles_bit_exact(formats: dict[str, QuantFormat], name: str)
 
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
-@pytest.mark.parametrize("path", ["decode", "decode-split", "decode-parts", "decode-parts-split", "dot", "dot-split",
-                                  "auto"])
+@pytest.mark.parametrize("path", ["decode", "decode-split", "decode-parts", "decode-parts-split", "decode-8", "dot",
+                                  "dot-split", "auto"])
 @pytest.mark.parametrize("name", KERNEL_FORMATS)
 def test_interpreted_linear(formats: dict[str, QuantFormat], name: str, path: str, dtype: torch.dtype) -> None:
     matmul = matmul_module()
     fmt = formats[name]
     K, N = tiny_k(fmt), 19  # N: one full block of 16 weight rows and a partial one
-    M = 3 if path.startswith("dot") or path == "decode-parts" else 2
+    M = 7 if path == "decode-8" else 3 if path.startswith("dot") or path == "decode-parts" else 2
     rng = np.random.default_rng(2)
     raw, w = random_weight(fmt, (N, K), rng)
     x = torch.from_numpy(rng.standard_normal((M, K), dtype=np.float32)).to(dtype)
@@ -238,8 +239,9 @@ def tuning_file(tmp_path, monkeypatch: pytest.MonkeyPatch):
 
 @interpreter_only
 def test_tuning_table_gives_the_measured_launch(formats: dict[str, QuantFormat], tuning_file) -> None:
-    """A shape in the table takes its entry (linear and experts keyed apart), an invalid entry warns and takes the
-    rule, and the tuned launch computes the same product."""
+    """A shape in the table takes its entry (linear and experts keyed apart; 8 rows, which the rule sends to tl.dot,
+    to the decode kernel), an invalid entry warns and takes the rule, and the tuned launch computes the same
+    product."""
     from orcd_quant_formats.kernels import tuning
 
     matmul = matmul_module()
@@ -248,8 +250,10 @@ def test_tuning_table_gives_the_measured_launch(formats: dict[str, QuantFormat],
     tuned = {"bm": 1, "bn": 4, "dot": False, "nb": 8, "split": 2, "warps": 1, "parts": 4}
     experts = {**tuned, "bn": 2}
     tuning.write(tuning_file, "cpu", {tuning.key(t, 1, N, K): tuned, tuning.key(t, 1, N, K, experts=True): experts,
-                                      tuning.key(t, 2, N, K): {**tuned, "bm": 2, "parts": 3}})
+                                      tuning.key(t, 2, N, K): {**tuned, "bm": 2, "parts": 3},
+                                      tuning.key(t, 8, N, K): {**tuned, "bm": 8}})
     assert matmul._fitted(t, 1, N, K, torch.float32, cpu) == matmul.Config(**tuned)
+    assert matmul._fitted(t, 8, N, K, torch.float32, cpu) == matmul.Config(**{**tuned, "bm": 8})
     assert matmul._fitted(t, 1, N, K, torch.float32, cpu, experts=True) == matmul.Config(**experts)
     with pytest.warns(UserWarning, match="parts must be"):
         assert matmul._fitted(t, 2, N, K, torch.float32, cpu) == matmul._picked(t, 2, N, K, 4)

@@ -34,7 +34,8 @@ def test_table_arithmetic() -> None:
 
 def test_tuning_table_from_sweeps(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--tuning-out`` keeps the fastest decode launch of each decode sweep (experts keyed apart), ignores tl.dot
-    launches and batch sweeps, and writes what ``kernels/tuning.py`` reads back."""
+    launches and batch sweeps, keeps an 8-row launch only where it beat tl.dot, and writes what
+    ``kernels/tuning.py`` reads back."""
     from orcd_quant_formats.kernels import tuning
 
     def cfg(bn: int, dot: bool = False, bm: int = 1) -> dict:
@@ -46,9 +47,14 @@ def test_tuning_table_from_sweeps(tmp_path, monkeypatch: pytest.MonkeyPatch) -> 
         {"type": "Q4_K", "n": 896, "k": 4864, "m": 1, "results": results},
         {"type": "MXFP4", "experts": True, "n": 2880, "k": 2880, "m": 1, "results": results[:1]},
         {"type": "Q8_0", "n": 896, "k": 896, "m": 512, "results": [{"config": cfg(64, True, 64), "seconds": 1e-5}]},
+        # 8 rows: an entry only where the decode kernel beat tl.dot (the rule's kernel there)
+        {"type": "Q4_K", "n": 896, "k": 4864, "m": 8, "results": [{"config": cfg(8, bm=8), "seconds": 2e-6},
+                                                                  {"config": cfg(64, True, 16), "seconds": 3e-6}]},
+        {"type": "Q6_K", "n": 896, "k": 4864, "m": 8, "results": [{"config": cfg(8, bm=8), "seconds": 4e-6},
+                                                                  {"config": cfg(64, True, 16), "seconds": 3e-6}]},
     ]}
     best = kernels.tuning_configs(report)
-    assert best == {"Q4_K:1:896x4864": cfg(16), "MXFP4:1:2880x2880:experts": cfg(8)}
+    assert best == {"Q4_K:1:896x4864": cfg(16), "MXFP4:1:2880x2880:experts": cfg(8), "Q4_K:8:896x4864": cfg(8, bm=8)}
     path = tmp_path / "t.json"
     tuning.write(path, report["device_name"], best)
     monkeypatch.setenv(tuning.ENV, str(path))

@@ -210,8 +210,8 @@ def _timed_grid(configs: list, default: object, call: Callable[[object], list], 
 
 def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: torch.device, repeat: int,
           rng: np.random.Generator) -> list[dict]:
-    """Seconds per call of every launch configuration in a grid: decode kernel shapes for ``m <= 4``, tl.dot shapes
-    for ``m > 1`` (both where they overlap, to place the switch between them)."""
+    """Seconds per call of every launch configuration in a grid: decode kernel shapes for ``m <= 8``
+    (``DECODE_MAX_ROWS``), tl.dot shapes for ``m > 1`` (both where they overlap, to place the switch between them)."""
     from orcd_quant_formats.kernels import matmul
 
     spec = matmul.SPECS[int(fmt.ggml_type)]
@@ -220,7 +220,7 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
     x = torch.randn(m, k, device=device, dtype=dtype)
     default = matmul.pick_config(spec, m, n, k, matmul._multiprocessors(device))
     grid = []
-    if m <= matmul.FMA_MAX_ROWS:
+    if m <= matmul.DECODE_MAX_ROWS:
         grid += decode_grid(int(fmt.ggml_type), m, n, k, device)
     if m > 1:
         grid += [matmul.Config(bm=bm, bn=bn, dot=True, nb=nb, warps=warps)
@@ -331,17 +331,23 @@ def run(
 
 
 def tuning_configs(report: dict) -> dict[str, dict]:
-    """The fastest decode launch of each swept shape, keyed as ``orcd_quant_formats.kernels.tuning`` reads them."""
+    """The fastest decode launch of each swept shape, keyed as ``orcd_quant_formats.kernels.tuning`` reads them. Up
+    to ``FMA_MAX_ROWS`` rows the rule takes the decode kernel anyway; from there to ``DECODE_MAX_ROWS`` an entry
+    sends the shape to the decode kernel instead of tl.dot, so it is written only where the decode kernel was the
+    fastest of all."""
     from gguf import GGMLQuantizationType
 
     from orcd_quant_formats.kernels import tuning
 
     best = {}
     for s in report["sweeps"]:
-        timed = [x for x in s["results"] if x["seconds"] and not x["config"]["dot"]]
-        if s["m"] > 4 or not timed:
+        everything = [x for x in s["results"] if x["seconds"]]
+        timed = [x for x in everything if not x["config"]["dot"]]
+        if s["m"] > tuning.DECODE_MAX_ROWS or not timed:
             continue
         fastest = min(timed, key=lambda x: x["seconds"])
+        if s["m"] > tuning.FMA_MAX_ROWS and fastest["seconds"] > min(x["seconds"] for x in everything):
+            continue
         key = tuning.key(int(GGMLQuantizationType[s["type"]]), s["m"], s["n"], s["k"], s.get("experts", False))
         best[key] = fastest["config"]
     return best

@@ -1,4 +1,4 @@
-"""The decode kernel: ``out = x @ W.T (+ bias)`` for a few rows of ``x`` (up to 4), bound by reading ``W`` once.
+"""The decode kernel: ``out = x @ W.T (+ bias)`` for a few rows of ``x`` (up to 8), bound by reading ``W`` once.
 
 A program owns ``BN`` weight rows and walks ``K`` ``NB`` parts at a time: a unit is a block (32 values) of the legacy
 formats and MXFP4, a quarter of a super-block (64 values) of the K-quants, and it is cut into ``PARTS`` parts of
@@ -95,7 +95,7 @@ def gemv_kernel(
     BN: tl.constexpr, NB: tl.constexpr, GROUPED: tl.constexpr, X_DIV: tl.constexpr, HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr, PARTS: tl.constexpr,
 ):
-    tl.static_assert(BM <= 4, "the decode kernel takes at most 4 rows of x per program")
+    tl.static_assert(BM <= 8, "the decode kernel takes at most 8 rows of x per program")
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -119,15 +119,27 @@ def gemv_kernel(
     xr1, o1, ok1 = _row(1, pid_m, M, sorted_ptr, p_lo, p_hi, BM, X_DIV, GROUPED)
     xr2, o2, ok2 = _row(2, pid_m, M, sorted_ptr, p_lo, p_hi, BM, X_DIV, GROUPED)
     xr3, o3, ok3 = _row(3, pid_m, M, sorted_ptr, p_lo, p_hi, BM, X_DIV, GROUPED)
+    xr4, o4, ok4 = _row(4, pid_m, M, sorted_ptr, p_lo, p_hi, BM, X_DIV, GROUPED)
+    xr5, o5, ok5 = _row(5, pid_m, M, sorted_ptr, p_lo, p_hi, BM, X_DIV, GROUPED)
+    xr6, o6, ok6 = _row(6, pid_m, M, sorted_ptr, p_lo, p_hi, BM, X_DIV, GROUPED)
+    xr7, o7, ok7 = _row(7, pid_m, M, sorted_ptr, p_lo, p_hi, BM, X_DIV, GROUPED)
     x0 = x_ptr + xr0.to(tl.int64) * stride_xm
     x1 = x_ptr + xr1.to(tl.int64) * stride_xm
     x2 = x_ptr + xr2.to(tl.int64) * stride_xm
     x3 = x_ptr + xr3.to(tl.int64) * stride_xm
+    x4 = x_ptr + xr4.to(tl.int64) * stride_xm
+    x5 = x_ptr + xr5.to(tl.int64) * stride_xm
+    x6 = x_ptr + xr6.to(tl.int64) * stride_xm
+    x7 = x_ptr + xr7.to(tl.int64) * stride_xm
 
     acc0 = tl.zeros((BN * NB,), dtype=tl.float32)
     acc1 = tl.zeros((BN * NB,), dtype=tl.float32)
     acc2 = tl.zeros((BN * NB,), dtype=tl.float32)
     acc3 = tl.zeros((BN * NB,), dtype=tl.float32)
+    acc4 = tl.zeros((BN * NB,), dtype=tl.float32)
+    acc5 = tl.zeros((BN * NB,), dtype=tl.float32)
+    acc6 = tl.zeros((BN * NB,), dtype=tl.float32)
+    acc7 = tl.zeros((BN * NB,), dtype=tl.float32)
     for b0 in range(b_start, b_end, NB):
         parts = b0 + pair % NB
         inside = parts < b_end
@@ -147,6 +159,14 @@ def gemv_kernel(
             acc2 += tl.where(inside, block_dot(FMT, base, u, x2 + xoff, magic, part, PARTS), 0.0)
         if BM > 3:
             acc3 += tl.where(inside, block_dot(FMT, base, u, x3 + xoff, magic, part, PARTS), 0.0)
+        if BM > 4:
+            acc4 += tl.where(inside, block_dot(FMT, base, u, x4 + xoff, magic, part, PARTS), 0.0)
+        if BM > 5:
+            acc5 += tl.where(inside, block_dot(FMT, base, u, x5 + xoff, magic, part, PARTS), 0.0)
+        if BM > 6:
+            acc6 += tl.where(inside, block_dot(FMT, base, u, x6 + xoff, magic, part, PARTS), 0.0)
+        if BM > 7:
+            acc7 += tl.where(inside, block_dot(FMT, base, u, x7 + xoff, magic, part, PARTS), 0.0)
 
     bias = tl.zeros((BN,), dtype=tl.float32)
     if HAS_BIAS and not PARTIAL:
@@ -162,3 +182,11 @@ def gemv_kernel(
         _store_row(acc2, o2, ok2, bias, out_ptr, offs_n, N, stride_om, pid_k, part_stride, PARTIAL)
     if BM > 3:
         _store_row(acc3, o3, ok3, bias, out_ptr, offs_n, N, stride_om, pid_k, part_stride, PARTIAL)
+    if BM > 4:
+        _store_row(acc4, o4, ok4, bias, out_ptr, offs_n, N, stride_om, pid_k, part_stride, PARTIAL)
+    if BM > 5:
+        _store_row(acc5, o5, ok5, bias, out_ptr, offs_n, N, stride_om, pid_k, part_stride, PARTIAL)
+    if BM > 6:
+        _store_row(acc6, o6, ok6, bias, out_ptr, offs_n, N, stride_om, pid_k, part_stride, PARTIAL)
+    if BM > 7:
+        _store_row(acc7, o7, ok7, bias, out_ptr, offs_n, N, stride_om, pid_k, part_stride, PARTIAL)

@@ -1,7 +1,8 @@
 """Fused dequantize-matmul: ``out = x @ W.T (+ bias)`` with ``W`` in raw ggml blocks, never materialised; and the
 launcher that picks between the two kernels.
 
-- *decode* (``gemv.gemv_kernel``, up to ``FMA_MAX_ROWS`` rows of ``x`` per weight block): fp32 multiply-adds,
+- *decode* (``gemv.gemv_kernel``, up to ``FMA_MAX_ROWS`` rows of ``x`` per weight block by the rule, up to
+  ``DECODE_MAX_ROWS`` where a measured tuning table says so): fp32 multiply-adds,
   weights read once, bound by memory bandwidth;
 - *prefill/batches* (``qmm_kernel`` here): each program owns ``BM`` rows of ``x`` and ``BN`` weight rows and walks
   ``K`` ``NB`` units at a time; per step the format's tile function decodes the weights in registers (bit-exact
@@ -33,6 +34,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from orcd_quant_formats.kernels import tuning
+from orcd_quant_formats.kernels.tuning import DECODE_MAX_ROWS, FMA_MAX_ROWS
 from orcd_quant_formats.kernels.common import (
     FMT_MXFP4, FMT_Q4_0, FMT_Q4_1, FMT_Q4_K, FMT_Q5_0, FMT_Q5_1, FMT_Q5_K, FMT_Q6_K, FMT_Q8_0, MAGIC_BITS,
 )
@@ -189,7 +191,6 @@ def qmm_kernel(
 
 # --- launch configuration -------------------------------------------------------------------------------------------
 
-FMA_MAX_ROWS = 4  # up to this many x rows per weight block: the decode kernel; more: tl.dot
 PROGRAMS_PER_SM = 4  # split K until the grid has about this many programs per multiprocessor
 DECODE_PARTS = 4  # lanes per unit in the decode kernel
 DECODE_ROWS = 8  # weight rows per thread (and per program) in the decode kernel
@@ -209,7 +210,8 @@ EXPERT_DECODE_MAX_PAIRS = 32
 class Config:
     """One launch's shape: ``bm`` rows of x and ``bn`` weight rows per program, ``nb`` units (see ``Spec``: 32-value
     blocks; K-quants: 64 values, 128 for Q6_K under tl.dot) per iteration; ``dot``: the tl.dot kernel, else the
-    decode kernel (``bm`` <= 4), whose units are cut into ``parts`` (one lane each; ``nb`` then counts parts).
+    decode kernel (``bm`` <= ``DECODE_MAX_ROWS``), whose units are cut into ``parts`` (one lane each; ``nb`` then
+    counts parts).
     ``split``: chunks of K (0: chosen from the grid size)."""
 
     bm: int
@@ -333,8 +335,8 @@ def _checked(spec: Spec, cfg: Config, K: int) -> None:
         raise ValueError(f"row length {K} is not a multiple of the block size {spec.block_size}")
     if cfg.nb < 1 or cfg.nb & (cfg.nb - 1) or cfg.bn & (cfg.bn - 1) or cfg.bm & (cfg.bm - 1) and cfg.dot:
         raise ValueError(f"launch {cfg}: nb, bn (and bm for tl.dot) must be powers of two")
-    if not cfg.dot and not 1 <= cfg.bm <= FMA_MAX_ROWS:
-        raise ValueError(f"decode launch {cfg}: bm must be 1..{FMA_MAX_ROWS}")
+    if not cfg.dot and not 1 <= cfg.bm <= DECODE_MAX_ROWS:
+        raise ValueError(f"decode launch {cfg}: bm must be 1..{DECODE_MAX_ROWS}")
     if not cfg.dot and cfg.parts not in (1, 2, 4, 8):  # every format's unit has 8 or 16 code words
         raise ValueError(f"decode launch {cfg}: parts must be 1, 2, 4 or 8")
     if cfg.dot and (cfg.bm < 16 or cfg.bn < 16):
