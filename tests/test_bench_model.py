@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import re
 
+import pytest
+
 from orcd.bench import model as bench_model
 from orcd.bench import profile as bench_profile
 
@@ -46,6 +48,25 @@ def test_bench_model_beside_llama_cpp(synth_model, capsys) -> None:
     rates = decode_rates(table)
     assert set(rates) == {"orcd", "llama.cpp"} and all(r > 0 for r in rates.values()), table
     assert re.search(r"orcd / llama\.cpp on cpu: decode [\d.]+x, prompt [\d.]+x", table)
+
+
+def test_llama_cpp_row_off_cuda_has_no_memory_figure(synth_model) -> None:
+    """On the CPU there is no device memory to read: llama.cpp's row says so (None) instead of a made-up figure."""
+    require_reference("llama_cpp")
+    got = bench_model.bench_llama_cpp(str(synth_model("qwen2", "Q4_K_M")), "cpu", 24, 6, 1, list(range(10, 34)))
+    assert got.engine == "llama.cpp" and got.decode_tok_s > 0
+    assert got.memory_bytes is None and got.peak_bytes is None
+
+
+@pytest.mark.gpu
+def test_llama_cpp_row_on_cuda_has_its_gpu_memory(synth_model) -> None:
+    """On CUDA, llama.cpp's row carries the device memory its process took at load (weights, KV cache, compute
+    buffers; the parent holds still meanwhile), and a peak no lower."""
+    require_reference("llama_cpp")
+    path = synth_model("qwen2", "Q4_K_M")
+    got = bench_model.bench_llama_cpp(str(path), "cuda", 24, 6, 1, list(range(10, 34)))
+    assert got.memory_bytes is not None and got.memory_bytes > 0, got  # the embedding may stay in host memory
+    assert got.peak_bytes >= got.memory_bytes, got
 
 
 def test_bench_profile_splits_a_decode_step(synth_model) -> None:

@@ -5,6 +5,11 @@ the GPU and flash attention when the device is CUDA), evaluates the prompt, then
 ``decode_tokens - 1`` times (the token fed does not change the work), ``repeat`` timed runs after a warm-up, and
 prints one JSON line: the fields of ``orcd.bench.model.ModelResult``. llama.cpp's own log goes to stderr (the
 parent sends it to a file): ``verbose=False`` crashes some builds (``../shared/device/NOTES.md``).
+
+GPU memory is the device's free memory before the load less after it (``memory_bytes``: weights, KV cache and the
+compute buffers llama.cpp reserves at load) and less its lowest reading after the timed runs (``peak_bytes``). The
+parent holds its own memory still while it waits, so the difference is this process's; what llama.cpp allocates
+and frees between the readings is not seen.
 """
 
 from __future__ import annotations
@@ -14,14 +19,25 @@ import sys
 import time
 
 
+def _free_bytes(gpu: bool) -> int | None:
+    """The CUDA device's free memory (torch's view of the driver), or None off CUDA."""
+    if not gpu:
+        return None
+    import torch
+
+    return torch.cuda.mem_get_info()[0]
+
+
 def measure(path: str, device: str, prompt_tokens: int, decode_tokens: int, repeat: int, prompt: list[int]) -> dict:
     import llama_cpp
 
     gpu = device.startswith("cuda")
+    free_before = _free_bytes(gpu)
     started = time.perf_counter()
     llm = llama_cpp.Llama(path, n_ctx=prompt_tokens + decode_tokens, n_batch=prompt_tokens,
                           n_gpu_layers=-1 if gpu else 0, flash_attn=gpu, verbose=True)
     load_s = time.perf_counter() - started
+    free_loaded = _free_bytes(gpu)
     best = None
     for i in range(repeat + 1):  # the first run warms up
         llm.reset()
@@ -33,12 +49,15 @@ def measure(path: str, device: str, prompt_tokens: int, decode_tokens: int, repe
         t2 = time.perf_counter()
         if i and (best is None or t2 - t1 < best[1]):
             best = (t1 - t0, t2 - t1)
+    free_after = _free_bytes(gpu)
     llm.close()
     prompt_s, decode_s = best
     return {"engine": "llama.cpp", "device": "cuda" if gpu else "cpu", "prompt_tokens": prompt_tokens,
             "decode_tokens": decode_tokens, "load_s": load_s, "ttft_s": prompt_s,
             "prompt_tok_s": prompt_tokens / prompt_s,
-            "decode_tok_s": (decode_tokens - 1) / decode_s, "memory_bytes": None, "peak_bytes": None}
+            "decode_tok_s": (decode_tokens - 1) / decode_s,
+            "memory_bytes": None if free_before is None else free_before - free_loaded,
+            "peak_bytes": None if free_before is None else free_before - min(free_loaded, free_after)}
 
 
 def main(argv: list[str] | None = None) -> int:
