@@ -2,7 +2,7 @@
 one GEMM of torch's (cuBLAS on a GPU) per tile.
 
 Why: a 512-token prompt through ``matmul.qmm_kernel`` (weights decoded in registers for every block of 128 rows of x)
-ran at about 4 TFLOP/s on an H100 (Phi-3-mini's prompt pass: 950 of its 960 ms in that kernel). Decoding each weight
+ran at 3.9 TFLOP/s on an H100 (Phi-3-mini's prompt pass: 950 of its 960 ms in that kernel). Decoding each weight
 once per prompt and handing the product to cuBLAS is what llama.cpp's CUDA backend does for batches its quantized
 matmul does not take (dequantize to a buffer, then a cuBLAS GEMM). The weights stay quantized in memory; the scratch
 tile holds at most ``TILE_ELEMENTS`` values (64 MiB in fp32) and is freed to torch's allocator after each call.
