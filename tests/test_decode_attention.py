@@ -9,14 +9,15 @@ stores each sequence's new key and value and attends; the read length ``kv_lengt
 range and a read split over several (the combine kernel); one and two query heads per K/V head (the path without
 tl.dot) at Phi-3's head dimension 96. Phi-3's launch is also compiled for an H100 (sm_90) and must not spill
 registers to local memory (padded into a tl.dot it spilled 2.3 KB a thread and took 84% of a decode step); so
-must GPT-OSS's sliding-window launch (tl.dot at 32 keys a step; with a window the kernel tests above run that
-launch too).
+must GPT-OSS's launches (fp16 tl.dot; the kernel tests above run the same launches on an fp16 cache). The fp32-dot
+path (a cache in another dtype) is checked too.
 
 Checks: the pools hold exactly what ``update`` leaves there (same rounding to the cache's dtype); outputs match
 the oracle within ``||out - ref||_max / max(1, ||ref||_max)``:
 
 - interpreter (CPU): 1e-5. Both sides attend over the same fp16 cache values in float32 (the kernel's dots are
-  IEEE fp32, the new key is rounded to fp16 as the pool holds it); only the summation order differs (~5e-7).
+  IEEE fp32, or fp16 dots of q and the probabilities cut into two fp16 parts each, which carry ~22 bits; the new key
+  is rounded to fp16 as the pool holds it); only the summation order and that last rounding differ.
 - GPU: 2e-3 without sinks: today's CUDA path is SDPA in fp16 (q and the probabilities rounded to fp16, ~5e-4
   each, fp32 accumulation) while the kernel keeps q and probabilities in fp32. 1e-4 with sinks: both fp32
   over fp16 values (a margin for the GPU's exp and reduction order).
@@ -97,14 +98,14 @@ def oracle(cache: PagedKVCache, step: dict, window: int | None, sinks: bool) -> 
 
 
 def check(device: str, h_q: int, h_kv: int, window: int | None, sinks: bool, splits: int | None, tol: float,
-          monkeypatch: pytest.MonkeyPatch, head_dim: int = HEAD_DIM) -> None:
+          monkeypatch: pytest.MonkeyPatch, head_dim: int = HEAD_DIM, f16_dot: bool | None = None) -> None:
     from orcd.nn.decode_attention import decode_attention
 
     cache, step = make_step(h_kv, h_q, device, head_dim=head_dim)
     theirs, _ = make_step(h_kv, h_q, device, head_dim=head_dim)  # the same seed: the same cache and step
     got = decode_attention(step["q"], step["k"], step["v"], cache.k[0], cache.v[0], step["tables"],
                            step["positions"], BLOCK, KV_LENGTH, SCALE, window, step["sinks"] if sinks else None,
-                           splits=splits)
+                           splits=splits, f16_dot=f16_dot)
     monkeypatch.setenv("ORCD_KERNELS", "0")
     want = oracle(theirs, step, window, sinks)
     assert got.shape == want.shape == (4, h_q, 1, head_dim) and got.dtype == want.dtype == torch.float32
@@ -120,6 +121,14 @@ def check(device: str, h_q: int, h_kv: int, window: int | None, sinks: bool, spl
 @pytest.mark.parametrize("h_q,h_kv", HEADS)
 def test_kernel_equals_update_then_attention(h_q, h_kv, window, sinks, splits, monkeypatch):
     check("cpu", h_q, h_kv, window, sinks, splits, 1e-5, monkeypatch)
+
+
+@interpreter_only
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("window", [None, 5])
+def test_kernel_with_fp32_dots_equals_update_then_attention(window, sinks, monkeypatch):
+    """The tl.dot path without the fp16 tensor-core dots (what a cache in another dtype takes)."""
+    check("cpu", 14, 2, window, sinks, 3, 1e-5, monkeypatch, f16_dot=False)
 
 
 # One or two query heads per K/V head take the products-summed path (no tl.dot); Phi-3's head dim is 96.
@@ -271,20 +280,21 @@ def test_phi3_launch_compiles_for_sm_90_without_spills(window):
     assert group <= da.MAX_FMA_GROUP
     consts = {"GROUP": group, "D": d, "BLOCK_G": triton.next_power_of_2(group), "BLOCK_D": triton.next_power_of_2(d),
               "BLOCK_N": da._block_n(False, window), "HAS_WINDOW": window is not None, "HAS_SINKS": False,
-              "SPLIT": True, "USE_DOT": False}
+              "SPLIT": True, "USE_DOT": False, "F16_DOT": False}
     stack, usage = _sm90_stack_bytes(consts)
     assert stack == 0, usage
 
 
 @needs_triton
 @pytest.mark.skipif(INTERPRETED, reason="compiles for sm_90; the interpreter replaces the compiler")
-def test_gpt_oss_window_launch_compiles_for_sm_90_without_spills():
-    """GPT-OSS's sliding-window layers (64 query heads on 8 K/V heads of dimension 64, sinks, split ranges) take the
-    tl.dot path at ``WINDOW_BLOCK_N`` keys a step, which keeps every value in registers on sm_90."""
+@pytest.mark.parametrize("window", [128, None])
+def test_gpt_oss_launches_compile_for_sm_90_without_spills(window):
+    """GPT-OSS's layers (64 query heads on 8 K/V heads of dimension 64, sinks, split ranges; sliding-window and full)
+    take the tl.dot path with fp16 dots (an fp16 cache) at ``_block_n``'s keys a step, which keeps every value in
+    registers on sm_90 (with fp32 dots, 64 keys a step spilled ~400 B a thread)."""
     from orcd.nn import decode_attention as da
 
-    consts = {"GROUP": 8, "D": 64, "BLOCK_G": 16, "BLOCK_D": 64, "BLOCK_N": da._block_n(True, 128),
-              "HAS_WINDOW": True, "HAS_SINKS": True, "SPLIT": True, "USE_DOT": True}
-    assert consts["BLOCK_N"] == da.WINDOW_BLOCK_N
+    consts = {"GROUP": 8, "D": 64, "BLOCK_G": 16, "BLOCK_D": 64, "BLOCK_N": da._block_n(True, window),
+              "HAS_WINDOW": window is not None, "HAS_SINKS": True, "SPLIT": True, "USE_DOT": True, "F16_DOT": True}
     stack, usage = _sm90_stack_bytes(consts)
     assert stack == 0, usage

@@ -16,7 +16,11 @@ value row is read once. It
   convention): positions past a sequence's own are never touched, so the scratch block and stale rows are never
   read;
 - keeps an online softmax in float32 (running max, denominator, weighted sum), the sink logit of each query head
-  joining the denominator at the end (it attends to nothing).
+  joining the denominator at the end (it attends to nothing);
+- with several query heads per K/V head and an fp16 cache, multiplies on the tensor cores: fp16 operands, fp32
+  sums, q and the probabilities each as two fp16 parts (leading part and rest), so the products keep fp32's
+  accuracy (``F16_DOT``); otherwise fp32 dots (``input_precision="ieee"``) or, for one or two heads, products
+  summed in registers.
 
 Every row attends at least to its own new key, so every output is finite, padding rows of a CUDA-graph batch
 (position 0 in the scratch block) included. Programs whose range is empty (past the sequence's position) leave
@@ -38,8 +42,10 @@ NEG: tl.constexpr = tl.constexpr(-1.0e30)  # "no score yet": finite, so exp(NEG 
 BLOCK_N = 64
 WINDOW_BLOCK_N = 32
 # A key range shorter than this is not worth a second (combine) kernel. Low, because decode has few (sequence, K/V
-# head) pairs (Qwen2.5-0.5B: 2 per sequence): unsplit, two programs would each walk the whole context.
-MIN_SPLIT = 128
+# head) pairs (Qwen2.5-0.5B: 2 per sequence): unsplit, two programs would each walk the whole context. A program's
+# time is mostly its chain of dependent loads (position, block table, keys) per loop step, so one step per program
+# (64 keys) beats two (128 was the value before 2026-12-07's second session).
+MIN_SPLIT = 64
 TARGET_PROGRAMS = 128  # split the read until about this many programs run (an H100 has 132 SMs)
 WARPS = 4
 # Up to this many query heads per K/V head (Phi-3: 1), scores and weighted sums are products summed in registers:
@@ -58,6 +64,7 @@ def _decode_kernel(
     s_ob, s_oh, s_os,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
+    F16_DOT: tl.constexpr,
 ):
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -72,6 +79,9 @@ def _decode_kernel(
     table = tables_ptr + b * s_tb
     q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :] * s_qd,
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
+    if F16_DOT:
+        q_hi = q.to(tl.float16)
+        q_lo = (q - q_hi.to(tl.float32)).to(tl.float16)
 
     # The new key and value, as the pool holds them.
     pool_ty = kc_ptr.dtype.element_ty
@@ -105,21 +115,32 @@ def _decode_kernel(
         rows = tl.load(table + (j // block_size) * s_tn, mask=j_ok, other=0) * block_size + j % block_size
         offs = rows[:, None] * s_cr + hk * s_ch + d[None, :]
         ok = j_ok[:, None] & d_ok[None, :]
-        keys = tl.load(kc_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if USE_DOT:
-            scores = tl.dot(q, tl.trans(keys), input_precision="ieee")
+        # Both rows are issued before any math: their latencies overlap (the step is bound by them, not by the dots).
+        keys = tl.load(kc_ptr + offs, mask=ok, other=0.0)
+        values = tl.load(vc_ptr + offs, mask=ok, other=0.0)
+        if F16_DOT:
+            # fp16 tensor-core products with fp32 sums. The pool's values are exact in fp16; q and p are each cut
+            # into a leading fp16 and the fp16 of the rest, so every product is of exact fp16 operands (exact in
+            # fp32) and the pair of dots carries ~22 bits of q and p, as the fp32 path does to rounding.
+            kt = tl.trans(keys)
+            scores = tl.dot(q_lo, kt, tl.dot(q_hi, kt))
+        elif USE_DOT:
+            scores = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision="ieee")
         else:
-            scores = tl.sum(q[:, None, :] * keys[None, :, :], axis=2)
+            scores = tl.sum(q[:, None, :] * keys.to(tl.float32)[None, :, :], axis=2)
         scores = tl.where(j_ok[None, :], scores, NEG)
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.where(j_ok[None, :], tl.exp(scores - m_new[:, None]), 0.0)
-        values = tl.load(vc_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         l = l * alpha + tl.sum(p, axis=1)
-        if USE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
+        if F16_DOT:
+            p_hi = p.to(tl.float16)
+            p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
+            acc = acc * alpha[:, None] + tl.dot(p_lo, values, tl.dot(p_hi, values))
+        elif USE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, values.to(tl.float32), input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * values[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * values.to(tl.float32)[None, :, :], axis=1)
         m = m_new
 
     out_rows = b * s_ob + heads * s_oh + split * s_os
@@ -203,12 +224,14 @@ def decode_attention(
     splits: int | None = None,
     block_n: int | None = None,
     warps: int | None = None,
+    f16_dot: bool | None = None,
 ) -> torch.Tensor:
     """Store ``k``/``v`` ``(B, H_kv, 1, D)`` at each sequence's position in the pools ``(rows, H_kv, D)`` and
     attend ``q`` ``(B, H_q, 1, D)`` over positions ``<= positions[b]`` (``(B, 1)``, device) of the sequence's
     blocks ``tables`` ``(B, n)``; ``kv_length`` bounds every position. Returns ``(B, H_q, 1, D)`` in q's dtype.
-    ``splits``, ``block_n`` and ``warps`` force the launch (tests, tuning); by default ``n_splits`` picks the number
-    of key ranges, ``_block_n`` the keys per step and ``WARPS`` the warps."""
+    ``splits``, ``block_n``, ``warps`` and ``f16_dot`` force the launch (tests, tuning); by default ``n_splits`` picks
+    the number of key ranges, ``_block_n`` the keys per step, ``WARPS`` the warps, and the tl.dot path takes fp16
+    tensor-core dots when the pools are fp16 (``F16_DOT``)."""
     b, h_q, t, d = q.shape
     h_kv = k.shape[1]
     if t != 1 or h_q % h_kv or k.shape != (b, h_kv, 1, d) or v.shape != k.shape:
@@ -231,6 +254,11 @@ def decode_attention(
     block_d = max(16, triton.next_power_of_2(d))
     use_dot = group > MAX_FMA_GROUP
     block_g = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
+    if f16_dot is None:
+        f16_dot = use_dot and k_pool.dtype == torch.float16
+    elif f16_dot and not (use_dot and k_pool.dtype == torch.float16):
+        raise ValueError("fp16 dots need the tl.dot path (more than MAX_FMA_GROUP query heads a K/V head) and fp16 "
+                         "pools")
     _decode_kernel[(b, h_kv, splits)](
         q, k, v, k_pool, v_pool, tables, positions, sink_arg, target, m, l,
         scale, window or 0, block_size,
@@ -239,6 +267,7 @@ def decode_attention(
         *strides,
         GROUP=group, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n or _block_n(use_dot, window),
         HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, SPLIT=splits > 1, USE_DOT=use_dot,
+        F16_DOT=f16_dot,
         num_warps=warps or WARPS,
     )
     if splits > 1:
