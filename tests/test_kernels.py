@@ -366,7 +366,7 @@ def test_cuda_linear(formats: dict[str, QuantFormat], name: str, m: int, dtype: 
 
 
 @gpu_test
-@pytest.mark.parametrize("path", ["decode-f32", "decode-parts-f32", "dot-f16"])
+@pytest.mark.parametrize("path", ["decode-f32", "decode-parts-f32", "decode-8-f32", "dot-f16"])
 @pytest.mark.parametrize("name", KERNEL_FORMATS)
 @pytest.mark.usefixtures("kernels_on")
 def test_cuda_tiles_bit_exact(formats: dict[str, QuantFormat], name: str, path: str) -> None:
@@ -382,6 +382,9 @@ def test_cuda_tiles_bit_exact(formats: dict[str, QuantFormat], name: str, path: 
     elif path == "decode-parts-f32":
         eye, expected = torch.eye(K, device="cuda"), w
         config = matmul.Config(bm=3, bn=16, dot=False, nb=32, parts=8)
+    elif path == "decode-8-f32":  # the decode kernel's widest launch: 8 rows of x a program
+        eye, expected = torch.eye(K, device="cuda"), w
+        config = matmul.Config(bm=8, bn=4, dot=False, nb=64, warps=2, parts=4)
     else:
         eye, config = torch.eye(K, device="cuda", dtype=torch.float16), matmul.Config(bm=64, bn=32, dot=True, nb=2)
         expected = w.astype(np.float32).astype(np.float16)
