@@ -131,9 +131,9 @@ def check_route(n: int, hidden: int, n_expert: int, dtype: torch.dtype, exact: b
     chosen, weights = moe.route(x)
     with kernels_off():
         ref_chosen, ref_weights = moe.route(x)
-    assert chosen.dtype == torch.int64 and weights.dtype == torch.float32
+    assert chosen.dtype == torch.int32 and weights.dtype == torch.float32  # the expert kernels' index type
     assert chosen.shape == weights.shape == (n, TOP_K) and chosen.device == x.device
-    chosen, ref_chosen = chosen.cpu(), ref_chosen.cpu()
+    chosen, ref_chosen = chosen.cpu().long(), ref_chosen.cpu()
     if exact:
         assert torch.equal(chosen, expected_choice(logits))
         assert torch.equal(logits.gather(1, chosen), logits.gather(1, ref_chosen))  # torch's top values

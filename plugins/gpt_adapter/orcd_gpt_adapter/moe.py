@@ -156,7 +156,8 @@ class MixtureOfExperts(torch.nn.Module):
         self.gather_max_pairs = GATHER_MAX_ELEMENTS // max(p.rows * p.cols for p in projections)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chosen experts ``(N, top_k)`` and their weights ``(N, top_k)`` for tokens ``x (N, hidden)``."""
+        """Chosen experts ``(N, top_k)`` and their weights ``(N, top_k)`` for tokens ``x (N, hidden)``. The ids are
+        int32 from the router kernel, int64 from torch's ``topk``."""
         if use_kernels(x, self.router_weight) and _kernels().route_fits(x.shape[0], self.n_expert, self.top_k):
             return _kernels().route(x, self.router_weight, self.router_bias, self.top_k)
         logits = F.linear(x.float(), self.router_weight, self.router_bias)
@@ -203,7 +204,7 @@ class MixtureOfExperts(torch.nn.Module):
     def _pairs_fused(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor | None:
         """Every pair through the formats' fused expert kernels; ``None`` if the gate's format has none here. A
         later projection without one (a mixed-format file) takes the gathered reference for its pairs."""
-        chosen = chosen.to(torch.int32)  # the kernels' index type: one cast here, none per projection
+        chosen = chosen.to(torch.int32)  # the kernels' index type (the router kernel's already): none per projection
         if self.gate is None:
             stacked = self.up.fused(x, chosen)
             if stacked is None:

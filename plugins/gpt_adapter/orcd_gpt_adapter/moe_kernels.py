@@ -74,7 +74,7 @@ def _router_top_k_kernel(logits_ptr, chosen_ptr, weights_ptr, n_expert, TOP_K: t
     in_k = slots < TOP_K
     e = tl.where(in_k, tl.exp(top_v - tl.max(tl.where(in_k, top_v, float("-inf")), axis=0)), 0.0)
     w = e / tl.sum(e, axis=0)
-    tl.store(chosen_ptr + row * TOP_K + slots, top_i, mask=in_k)
+    tl.store(chosen_ptr + row * TOP_K + slots, top_i.to(chosen_ptr.dtype.element_ty), mask=in_k)
     tl.store(weights_ptr + row * TOP_K + slots, w, mask=in_k)
 
 
@@ -119,14 +119,15 @@ def route_fits(rows: int, n_expert: int, top_k: int) -> bool:
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen experts (int64) and their softmax weights (fp32), ``(N, top_k)`` each, for ``x (N, hidden)``: the
-    top-k of ``x @ weight.T + bias`` in fp32, highest first (equal logits: lower index first). ``weight (n_expert,
+    """Chosen experts (int32, the expert kernels' index type: no cast kernel per layer) and their softmax weights
+    (fp32), ``(N, top_k)`` each, for ``x (N, hidden)``: the top-k of ``x @ weight.T + bias`` in fp32, highest first
+    (equal logits: lower index first). ``weight (n_expert,
     hidden)`` and ``bias`` are contiguous fp32; ``N <= ROUTE_MAX_ROWS``."""
     n_expert, hidden = weight.shape
     x2 = _rows(x)
     n = x2.shape[0]
     logits = torch.empty(n, n_expert, dtype=torch.float32, device=x.device)
-    chosen = torch.empty(n, top_k, dtype=torch.int64, device=x.device)
+    chosen = torch.empty(n, top_k, dtype=torch.int32, device=x.device)
     weights = torch.empty(n, top_k, dtype=torch.float32, device=x.device)
     if n:
         block_h = min(triton.next_power_of_2(hidden), ROUTE_BLOCK_H)
