@@ -50,6 +50,17 @@ def test_bench_model_beside_llama_cpp(synth_model, capsys) -> None:
     assert re.search(r"orcd / llama\.cpp on cpu: decode [\d.]+x, prompt [\d.]+x", table)
 
 
+def test_llama_cpp_memory_reads_the_gpu_that_torch_names(monkeypatch) -> None:
+    """The peer reads free memory with ``nvidia-smi -i``: torch's ``cuda:N`` is the N-th of ``CUDA_VISIBLE_DEVICES``."""
+    from orcd.bench.llama_cpp_peer import _free_bytes, _gpu_index
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert (_gpu_index("cuda"), _gpu_index("cuda:1")) == ("0", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, GPU-abc")
+    assert (_gpu_index("cuda"), _gpu_index("cuda:1")) == ("3", "GPU-abc")
+    assert _free_bytes("cpu") is None
+
+
 def test_llama_cpp_row_off_cuda_has_no_memory_figure(synth_model) -> None:
     """On the CPU there is no device memory to read: llama.cpp's row says so (None) instead of a made-up figure."""
     require_reference("llama_cpp")
