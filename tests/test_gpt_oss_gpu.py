@@ -6,6 +6,10 @@ The full-size check (GPT-OSS-20B shapes, 12.1 GB) is a benchmark, not a test: se
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from orcd.nn import ForwardBatch
 from orcd.sampling import SamplingParams
 
 import test_gpt_oss_reference as ref
+from conftest import require_reference
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda:0")
@@ -50,11 +55,23 @@ def test_logits_on_cuda_match_transformers(synth_model, plugins) -> None:
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
-def test_greedy_on_cuda_equals_llama_cpp(synth_model, plugins) -> None:
+def _llama_greedy_elsewhere(path, prompt: list[int], n: int, tmp_path) -> list[int]:
+    """llama.cpp's greedy tokens (CPU, as ``test_gpt_oss_reference``) from a process without torch: beside torch's
+    CUDA libraries, llama-cpp-python crashed the test process on the H100 (``llama_greedy``)."""
+    require_reference("llama_cpp")
+    request = tmp_path / "greedy.json"
+    request.write_text(json.dumps({"path": str(path), "prompt": prompt, "n": n, "n_ctx": 512}))
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("llama_greedy.py")), str(request)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"llama.cpp's process ended with {done.returncode}: {done.stderr[-2000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_greedy_on_cuda_equals_llama_cpp(synth_model, plugins, tmp_path) -> None:
     path = synth_model("gpt-oss", "MXFP4")
     loaded = load_model(path, device=DEV, plugins=plugins)
     prompt = loaded.tokenizer.encode(ref.PROMPT_TEXT, add_special=False)
-    expected = ref._greedy_llama(ref._llama(path, 512), prompt, 32)
+    expected = _llama_greedy_elsewhere(path, prompt, 32, tmp_path)
     mf, config = open_checked(path, plugins)
     config = config.model_copy(update={"rope_yarn_truncate": True})  # llama.cpp's YaRN
     module = plugins.architecture("gpt-oss").build(mf, config, DEV, plugins)
