@@ -36,17 +36,20 @@ import triton
 import triton.language as tl
 
 NEG: tl.constexpr = tl.constexpr(-1.0e30)  # "no score yet": finite, so exp(NEG - NEG) = 1 never makes a NaN
-# Keys per loop step of the tl.dot path. Compiled for sm_90, 64 keys spill ~500 B a thread and 32 do not. Timed on an
-# H100 (a 640-key read at position 576, 20 graph replays, 2026-12-07): without a window 64 keys were faster (Qwen2.5
-# 14.50 vs 16.34 us a layer, GPT-OSS 14.57 vs 16.31); in GPT-OSS's 128-key window 32 keys were (7.34 vs 9.46).
+# Keys per loop step of the tl.dot path. Timed on an H100 (a 640-key read at position 576, kernel and combine, 20
+# graph replays, 2026-12-07, fp16 dots, 10 key ranges): without a window 64 keys were faster (Qwen2.5 5.66 vs 6.36 us
+# a layer, GPT-OSS 6.06 vs 6.50); in GPT-OSS's 128-key window 32 keys were (5.35 vs 5.85). With fp32 dots (before
+# fp16 ones) the same reads took 14.50 (Qwen, 5 ranges), 14.57 and 7.34 us.
 BLOCK_N = 64
 WINDOW_BLOCK_N = 32
 # A key range shorter than this is not worth a second (combine) kernel. Low, because decode has few (sequence, K/V
 # head) pairs (Qwen2.5-0.5B: 2 per sequence): unsplit, two programs would each walk the whole context. A program's
-# time is mostly its chain of dependent loads (position, block table, keys) per loop step, so one step per program
-# (64 keys) beats two (128 was the value before 2026-12-07's second session).
+# time is mostly its chain of dependent loads (position, block table, keys) per loop step: Qwen's read above took
+# 6.99 us in 5 ranges of 128 keys (two steps each) and 5.66 in 10 of 64 (same session).
 MIN_SPLIT = 64
-TARGET_PROGRAMS = 128  # split the read until about this many programs run (an H100 has 132 SMs)
+# Split the read until about this many programs run (an H100 has 132 SMs). Two programs an SM: Phi-3-mini's batch-1
+# read (32 K/V heads, 640-key bucket) took 15.37 us a layer in 8 ranges, 19.55 in 4 (H100, 2026-12-07).
+TARGET_PROGRAMS = 256
 WARPS = 4
 # Up to this many query heads per K/V head (Phi-3: 1), scores and weighted sums are products summed in registers:
 # tl.dot needs 16 rows, so one head's row would be padded to 16, and compiled for sm_90 that kernel (head dim 96)
@@ -115,19 +118,22 @@ def _decode_kernel(
         rows = tl.load(table + (j // block_size) * s_tn, mask=j_ok, other=0) * block_size + j % block_size
         offs = rows[:, None] * s_cr + hk * s_ch + d[None, :]
         ok = j_ok[:, None] & d_ok[None, :]
-        # Both rows are issued before any math: their latencies overlap (the step is bound by them, not by the dots).
-        keys = tl.load(kc_ptr + offs, mask=ok, other=0.0)
-        values = tl.load(vc_ptr + offs, mask=ok, other=0.0)
         if F16_DOT:
+            # Keys and values as the pool holds them, the values' load issued with the keys': their latencies
+            # overlap.
+            keys = tl.load(kc_ptr + offs, mask=ok, other=0.0)
+            values = tl.load(vc_ptr + offs, mask=ok, other=0.0)
             # fp16 tensor-core products with fp32 sums. The pool's values are exact in fp16; q and p are each cut
             # into a leading fp16 and the fp16 of the rest, so every product is of exact fp16 operands (exact in
             # fp32) and the pair of dots carries ~22 bits of q and p, as the fp32 path does to rounding.
             kt = tl.trans(keys)
             scores = tl.dot(q_lo, kt, tl.dot(q_hi, kt))
-        elif USE_DOT:
-            scores = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision="ieee")
         else:
-            scores = tl.sum(q[:, None, :] * keys.to(tl.float32)[None, :, :], axis=2)
+            keys = tl.load(kc_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            if USE_DOT:
+                scores = tl.dot(q, tl.trans(keys), input_precision="ieee")
+            else:
+                scores = tl.sum(q[:, None, :] * keys[None, :, :], axis=2)
         scores = tl.where(j_ok[None, :], scores, NEG)
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)
@@ -137,10 +143,14 @@ def _decode_kernel(
             p_hi = p.to(tl.float16)
             p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
             acc = acc * alpha[:, None] + tl.dot(p_lo, values, tl.dot(p_hi, values))
-        elif USE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, values.to(tl.float32), input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * values.to(tl.float32)[None, :, :], axis=1)
+            # The values loaded here, after the scores, the order of the launches timed before fp16 dots (Qwen's read
+            # at 64 keys: 14.50 us a layer on an H100). A version that loaded them with the keys took 94.10.
+            values = tl.load(vc_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            if USE_DOT:
+                acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * values[None, :, :], axis=1)
         m = m_new
 
     out_rows = b * s_ob + heads * s_oh + split * s_os
