@@ -35,6 +35,7 @@ from orcd.nn import ForwardBatch
 from orcd.sampling import SamplingParams
 
 from conftest import require_reference
+from llama_greedy import greedy_tokens, open_llama
 
 pytestmark = pytest.mark.reference
 PROMPT_TOKENS = 300  # > 2 x the 128-token window: sliding layers see a different key set than full ones
@@ -128,11 +129,8 @@ def test_logits_match_transformers(synth_model, plugins, truncate: bool) -> None
 
 # --- llama.cpp ------------------------------------------------------------------------------------------------------
 def _llama(path, n_ctx: int = 1024):
-    llama_cpp = require_reference("llama_cpp")
-    # F32 KV cache: llama.cpp's default F16 cache adds its own rounding (and, without flash attention, disagrees
-    # with itself by up to 0.8 on these logits when the sinks differ between heads).
-    return llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_threads=2, seed=0,
-                           type_k=0, type_v=0, verbose=True)  # verbose=False may crash llama-cpp-python
+    require_reference("llama_cpp")
+    return open_llama(path, n_ctx)
 
 
 def _llama_logits(llm, ids: list[int]) -> torch.Tensor:
@@ -167,17 +165,6 @@ def test_logits_match_llama_cpp_with_mxfp4_experts(synth_model, plugins) -> None
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
 
 
-def _greedy_llama(llm, prompt: list[int], n: int) -> list[int]:
-    llm.reset()
-    llm.eval(prompt)
-    out = []
-    for _ in range(n):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(token)
-        llm.eval([token])
-    return out
-
-
 def _greedy_engine(path, plugins, prompt: list[int], n: int) -> list[int]:
     """Greedy through orcd's engine: prefill, then one cached decode step per token."""
     loaded = load_model(path, plugins=plugins)
@@ -196,7 +183,7 @@ def test_greedy_continuation_equals_llama_cpp(synth_model, plugins, file_type: s
     loaded = load_model(path, plugins=plugins)
     prompt = loaded.tokenizer.encode(PROMPT_TEXT, add_special=False)
     assert len(prompt) > 128  # decoding starts beyond the sliding window
-    expected = _greedy_llama(_llama(path, 512), prompt, 32)
+    expected = greedy_tokens(_llama(path, 512), prompt, 32)
     assert _greedy_engine(path, plugins, prompt, 32) == expected
 
 
