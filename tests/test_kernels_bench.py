@@ -52,9 +52,16 @@ def test_tuning_table_from_sweeps(tmp_path, monkeypatch: pytest.MonkeyPatch) -> 
                                                                   {"config": cfg(64, True, 16), "seconds": 3e-6}]},
         {"type": "Q6_K", "n": 896, "k": 4864, "m": 8, "results": [{"config": cfg(8, bm=8), "seconds": 4e-6},
                                                                   {"config": cfg(64, True, 16), "seconds": 3e-6}]},
+        # 32 tokens' experts (5 rows a block): the grouped decode launch beat the rule's tl.dot, so it is kept
+        {"type": "MXFP4", "experts": True, "n": 5760, "k": 2880, "m": 5, "tokens": 32,
+         "results": [{"config": cfg(64, True, 16), "seconds": 3e-6, "default": True},
+                     {"config": cfg(8, bm=5), "seconds": 2e-6}]},
     ]}
     best = kernels.tuning_configs(report)
-    assert best == {"Q4_K:1:896x4864": cfg(16), "MXFP4:1:2880x2880:experts": cfg(8), "Q4_K:8:896x4864": cfg(8, bm=8)}
+    assert best == {"Q4_K:1:896x4864": cfg(16), "MXFP4:1:2880x2880:experts": cfg(8), "Q4_K:8:896x4864": cfg(8, bm=8),
+                    "MXFP4:5:5760x2880:experts": cfg(8, bm=5)}
+    assert "sweep MXFP4 experts (32 tokens) 5760x2880 M=5: default 3.0 us (rank 2 of 2); best:" in (
+        kernels.format_table({**report, "copy_gbps": 1.0, "dtype": "float32", "rows": []}).splitlines())
     path = tmp_path / "t.json"
     tuning.write(path, report["device_name"], best)
     monkeypatch.setenv(tuning.ENV, str(path))
@@ -65,6 +72,14 @@ def test_tuning_table_from_sweeps(tmp_path, monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.delenv(tuning.ENV)
         tuning.table.cache_clear()
     assert tuning.device_file("NVIDIA H100 80GB HBM3").name == "NVIDIA_H100_80GB_HBM3.json"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_experts_are_swept_at_each_planned_row_count() -> None:
+    """``--m 1,8,32,512`` sweeps GPT-OSS's experts at 1 token (a pair a block; 8 tokens plan the same) and at 32
+    (128 pairs, planned at 5 rows a block, where the rule takes tl.dot); 512 tokens' rows exceed the decode kernel."""
+    assert kernels.expert_sweep_tokens([1, 8, 32, 512], 32) == {1: 1, 5: 32}
+    assert kernels.expert_sweep_tokens([8], 32) == {1: 8}
 
 
 @pytest.mark.gpu

@@ -235,22 +235,40 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
 
 
 def sweep_moe(fmt: QuantFormat, dtype: torch.dtype, device: torch.device, repeat: int,
-              rng: np.random.Generator, shape: tuple[int, int, int] = MOE_SHAPE) -> list[dict]:
-    """The decode grid on one token's top-k experts (``bench_moe``'s setting)."""
+              rng: np.random.Generator, shape: tuple[int, int, int] = MOE_SHAPE, tokens: int = 1) -> list[dict]:
+    """The rule's launch and the decode grid on ``tokens`` tokens' top-k experts (``bench_moe``'s setting), at the
+    rows per block the launcher plans for that many pairs (``matmul.expert_rows``: 1 up to
+    ``EXPERT_DECODE_MAX_PAIRS`` pairs, where every block is one pair; past it, where the rule takes tl.dot, the
+    grid's grouped decode launches are its rival)."""
     from orcd_quant_formats.kernels import matmul
 
     n_expert, n, k = shape
     (weight,) = _weights(fmt, shape, 1, device, rng)
-    ids = [torch.rand(1, n_expert, device=device).topk(MOE_TOP_K, dim=-1).indices for _ in range(16)]
-    x = torch.randn(1, k, device=device, dtype=dtype)
+    ids = [torch.rand(tokens, n_expert, device=device).topk(MOE_TOP_K, dim=-1).indices for _ in range(16)]
+    x = torch.randn(tokens, k, device=device, dtype=dtype)
     ggml_type = int(fmt.ggml_type)
-    default = matmul.pick_config(matmul.SPECS[ggml_type], 1, n, k, matmul._multiprocessors(device))
+    rows = matmul.expert_rows(tokens * MOE_TOP_K, n_expert)
+    default = matmul.pick_config(matmul.SPECS[ggml_type], rows, n, k, matmul._multiprocessors(device))
+    grid = decode_grid(ggml_type, rows, n, k, device) if rows <= matmul.DECODE_MAX_ROWS else []
 
     def calls(cfg: object) -> list:
         return [lambda i=i: matmul.expert_linear(x, weight.data, ggml_type, n_expert, n, k, i, config=cfg)
                 for i in ids]
 
-    return _timed_grid([default, *decode_grid(ggml_type, 1, n, k, device)], default, calls, repeat)
+    return _timed_grid([default, *grid], default, calls, repeat)
+
+
+def expert_sweep_tokens(ms: Sequence[int], n_expert: int) -> dict[int, int]:
+    """Tokens to sweep the experts at, one per distinct planned rows (``matmul.expert_rows``) that the decode kernel
+    can take, from ``--m``: rows per block -> tokens (the first ``m`` giving those rows)."""
+    from orcd_quant_formats.kernels import matmul
+
+    chosen: dict[int, int] = {}
+    for m in ms:
+        rows = matmul.expert_rows(m * MOE_TOP_K, n_expert)
+        if rows <= matmul.DECODE_MAX_ROWS:
+            chosen.setdefault(rows, m)
+    return chosen
 
 
 def model_projections(path: str, device: torch.device, plugins: OrcdPluginManager
@@ -319,8 +337,10 @@ def run(
             for tokens in MOE_TOKENS:
                 rows.append(bench_moe(by_name[name], tokens, dtype, dev, repeat, rng, shape))
             if do_sweep:
-                sweeps.append({"type": name, "experts": True, "n": shape[1], "k": shape[2], "m": 1,
-                               "results": sweep_moe(by_name[name], dtype, dev, repeat, rng, shape)})
+                for rows, tokens in expert_sweep_tokens(ms, shape[0]).items():
+                    sweeps.append({"type": name, "experts": True, "n": shape[1], "k": shape[2], "m": rows,
+                                   "tokens": tokens,
+                                   "results": sweep_moe(by_name[name], dtype, dev, repeat, rng, shape, tokens)})
     return {
         "device_name": torch.cuda.get_device_name(dev),
         "dtype": str(dtype).removeprefix("torch."),
@@ -382,7 +402,7 @@ def format_table(report: dict) -> str:
         ok = sorted((x for x in s["results"] if x["seconds"]), key=lambda x: x["seconds"])
         default = next((x for x in s["results"] if x.get("default")), None)
         rank = ok.index(default) + 1 if default in ok else None
-        kind = " experts" if s.get("experts") else ""
+        kind = f" experts ({s.get('tokens', 1)} tokens)" if s.get("experts") else ""
         lines.append(f"sweep {s['type']}{kind} {s['n']}x{s['k']} M={s['m']}: default "
                      f"{default['seconds'] * 1e6 if default and default['seconds'] else float('nan'):.1f} us "
                      f"(rank {rank} of {len(ok)}); best:")
