@@ -6,10 +6,10 @@ the GPU and flash attention when the device is CUDA), evaluates the prompt, then
 prints one JSON line: the fields of ``orcd.bench.model.ModelResult``. llama.cpp's own log goes to stderr (the
 parent sends it to a file): ``verbose=False`` crashes some builds (``../shared/device/NOTES.md``).
 
-GPU memory is the device's free memory (``nvidia-smi``) before the load less after it (``memory_bytes``: weights, KV cache and the
-compute buffers llama.cpp reserves at load) and less its lowest reading after the timed runs (``peak_bytes``). The
-parent holds its own memory still while it waits, so the difference is this process's; what llama.cpp allocates
-and frees between the readings is not seen.
+GPU memory is the device's free memory (``nvidia-smi``) before the load less after it (``memory_bytes``: weights, KV
+cache and the compute buffers llama.cpp reserves at load) and less its lowest reading after the timed runs
+(``peak_bytes``). The parent holds its own memory still while it waits, so the difference is this process's; what
+llama.cpp allocates and frees between the readings is not seen.
 """
 
 from __future__ import annotations

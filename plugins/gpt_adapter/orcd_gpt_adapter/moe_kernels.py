@@ -120,9 +120,9 @@ def route_fits(rows: int, n_expert: int, top_k: int) -> bool:
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen experts (int32, the expert kernels' index type: no cast kernel per layer) and their softmax weights
-    (fp32), ``(N, top_k)`` each, for ``x (N, hidden)``: the top-k of ``x @ weight.T + bias`` in fp32, highest first
-    (equal logits: lower index first). ``weight (n_expert,
-    hidden)`` and ``bias`` are contiguous fp32; ``N <= ROUTE_MAX_ROWS``."""
+    (fp32), ``(N, top_k)`` each, for ``x (N, hidden)``: the top-k of ``x @ weight.T + bias`` in fp32, highest
+    first (equal logits: lower index first). ``weight (n_expert, hidden)`` and ``bias`` are contiguous fp32; ``N
+    <= ROUTE_MAX_ROWS``."""
     n_expert, hidden = weight.shape
     x2 = _rows(x)
     n = x2.shape[0]
