@@ -82,7 +82,7 @@ def _decode_kernel(
     table = tables_ptr + b * s_tb
     q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :] * s_qd,
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
-    if F16_DOT:
+    if F16_DOT:  # (a scaled q element past fp16's 65504 would turn inf; fp32 dots keep fp32's range)
         q_hi = q.to(tl.float16)
         q_lo = (q - q_hi.to(tl.float32)).to(tl.float16)
 
