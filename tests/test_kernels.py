@@ -240,8 +240,9 @@ def tuning_file(tmp_path, monkeypatch: pytest.MonkeyPatch):
 @interpreter_only
 def test_tuning_table_gives_the_measured_launch(formats: dict[str, QuantFormat], tuning_file) -> None:
     """A shape in the table takes its entry (linear and experts keyed apart; 8 rows, which the rule sends to tl.dot,
-    to the decode kernel), an invalid entry warns and takes the rule, and the tuned launch computes the same
-    product."""
+    to the decode kernel; 17 to 32 rows to the 32-row entry, here 8-row decode blocks; 16 rows to a tl.dot entry;
+    a prompt's rows to the rule), an invalid entry warns and takes the rule, and the tuned launches compute the
+    same product."""
     from orcd_quant_formats.kernels import tuning
 
     matmul = matmul_module()
@@ -249,25 +250,36 @@ def test_tuning_table_gives_the_measured_launch(formats: dict[str, QuantFormat],
     t, K, N, cpu = int(fmt.ggml_type), tiny_k(formats["Q4_K"]), 19, torch.device("cpu")
     tuned = {"bm": 1, "bn": 4, "dot": False, "nb": 8, "split": 2, "warps": 1, "parts": 4}
     experts = {**tuned, "bn": 2}
+    dot = {"bm": 16, "bn": 16, "dot": True, "nb": 2, "split": 0, "warps": 4, "stages": 2, "parts": 1}
     tuning.write(tuning_file, "cpu", {tuning.key(t, 1, N, K): tuned, tuning.key(t, 1, N, K, experts=True): experts,
                                       tuning.key(t, 2, N, K): {**tuned, "bm": 2, "parts": 3},
-                                      tuning.key(t, 8, N, K): {**tuned, "bm": 8}})
+                                      tuning.key(t, 8, N, K): {**tuned, "bm": 8},
+                                      tuning.key(t, 32, N, K): {**tuned, "bm": 8},
+                                      tuning.key(t, 16, N, K): dot,
+                                      tuning.key(t, 4, N, K): dot})
     assert matmul._fitted(t, 1, N, K, torch.float32, cpu) == matmul.Config(**tuned)
     assert matmul._fitted(t, 8, N, K, torch.float32, cpu) == matmul.Config(**{**tuned, "bm": 8})
+    assert matmul._fitted(t, 20, N, K, torch.float32, cpu) == matmul.Config(**{**tuned, "bm": 8})
+    assert matmul._fitted(t, 16, N, K, torch.float32, cpu) == matmul.Config(**dot)
+    assert matmul._fitted(t, 512, N, K, torch.float32, cpu) == matmul._picked(t, 512, N, K, 4)
+    with pytest.warns(UserWarning, match="which the decode kernel takes"):
+        assert matmul._fitted(t, 4, N, K, torch.float32, cpu) == matmul._picked(t, 4, N, K, 4)
     assert matmul._fitted(t, 1, N, K, torch.float32, cpu, experts=True) == matmul.Config(**experts)
     with pytest.warns(UserWarning, match="parts must be"):
         assert matmul._fitted(t, 2, N, K, torch.float32, cpu) == matmul._picked(t, 2, N, K, 4)
     rng = np.random.default_rng(5)
     raw, w = random_weight(fmt, (N, K), rng)
-    x = torch.from_numpy(rng.standard_normal((1, K), dtype=np.float32))
-    got = matmul.linear(x, torch.from_numpy(raw), t, N, K)
-    assert relative_error(got, x.double() @ torch.from_numpy(w).T) < TOLERANCE[torch.float32]
+    for rows in (1, 20, 16):  # the 1-row entry, 8-row decode blocks (3 of them), the tl.dot entry
+        x = torch.from_numpy(rng.standard_normal((rows, K), dtype=np.float32))
+        got = matmul.linear(x, torch.from_numpy(raw), t, N, K)
+        assert relative_error(got, x.double() @ torch.from_numpy(w).T) < TOLERANCE[torch.float32], rows
 
 
 @needs_triton
 def test_packaged_tuning_tables_hold_valid_decode_launches() -> None:
-    """Every entry of every shipped table (``kernels/tuned/*.json``) is taken as it stands: a decode launch for its
-    key's rows, valid for its key's row length, so no entry falls back to the rule with a warning at run time."""
+    """Every entry of every shipped table (``kernels/tuned/*.json``) is taken as it stands: keyed by rows the
+    lookup asks for, a launch for those rows, valid for its key's row length, so no entry falls back to the rule
+    with a warning at run time."""
     import json
     import re
 
@@ -284,7 +296,8 @@ def test_packaged_tuning_tables_hold_valid_decode_launches() -> None:
             t = int(gguf.GGMLQuantizationType[name])
             assert tuning.key(t, int(rows), int(n), int(k), bool(experts)) == key
             cfg = matmul.Config(**entry)
-            assert not cfg.dot and cfg.bm == int(rows), (path.name, key)
+            assert tuning.table_rows(int(rows)) == int(rows), (path.name, key)
+            matmul._entry_fits(cfg, int(rows))
             matmul._checked(matmul.SPECS[t], cfg, int(k))
 
 

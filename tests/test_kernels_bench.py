@@ -33,9 +33,9 @@ def test_table_arithmetic() -> None:
 
 
 def test_tuning_table_from_sweeps(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--tuning-out`` keeps the fastest decode launch of each decode sweep (experts keyed apart), ignores tl.dot
-    launches and batch sweeps, keeps an 8-row launch only where it beat tl.dot, and writes what
-    ``kernels/tuning.py`` reads back."""
+    """``--tuning-out`` keeps the fastest decode launch of each 1-row sweep (experts keyed apart; tl.dot launches
+    are not candidates there); past ``FMA_MAX_ROWS`` rows the fastest launch of either kernel unless it is the
+    rule's own; no entry for a prompt's rows (512); and writes what ``kernels/tuning.py`` reads back."""
     from orcd_quant_formats.kernels import tuning
 
     def cfg(bn: int, dot: bool = False, bm: int = 1) -> dict:
@@ -47,11 +47,21 @@ def test_tuning_table_from_sweeps(tmp_path, monkeypatch: pytest.MonkeyPatch) -> 
         {"type": "Q4_K", "n": 896, "k": 4864, "m": 1, "results": results},
         {"type": "MXFP4", "experts": True, "n": 2880, "k": 2880, "m": 1, "results": results[:1]},
         {"type": "Q8_0", "n": 896, "k": 896, "m": 512, "results": [{"config": cfg(64, True, 64), "seconds": 1e-5}]},
-        # 8 rows: an entry only where the decode kernel beat tl.dot (the rule's kernel there)
+        # 8 rows: the fastest of either kernel, unless it is the rule's own tl.dot launch
         {"type": "Q4_K", "n": 896, "k": 4864, "m": 8, "results": [{"config": cfg(8, bm=8), "seconds": 2e-6},
                                                                   {"config": cfg(64, True, 16), "seconds": 3e-6}]},
         {"type": "Q6_K", "n": 896, "k": 4864, "m": 8, "results": [{"config": cfg(8, bm=8), "seconds": 4e-6},
-                                                                  {"config": cfg(64, True, 16), "seconds": 3e-6}]},
+                                                                  {"config": cfg(32, True, 16), "seconds": 3e-6},
+                                                                  {"config": cfg(64, True, 16), "seconds": 5e-6,
+                                                                   "default": True}]},
+        {"type": "Q5_0", "n": 896, "k": 4864, "m": 8, "results": [{"config": cfg(8, bm=8), "seconds": 4e-6},
+                                                                  {"config": cfg(64, True, 16), "seconds": 3e-6,
+                                                                   "default": True}]},
+        # 32 rows (32 streams): 8-row decode blocks beat tl.dot; 20 rows fall between the table's buckets
+        {"type": "Q4_K", "n": 896, "k": 4864, "m": 32, "results": [{"config": cfg(8, bm=8), "seconds": 2e-6},
+                                                                   {"config": cfg(64, True, 32), "seconds": 3e-6,
+                                                                    "default": True}]},
+        {"type": "Q4_K", "n": 896, "k": 4864, "m": 20, "results": [{"config": cfg(8, bm=8), "seconds": 2e-6}]},
         # 32 tokens' experts (5 rows a block): the grouped decode launch beat the rule's tl.dot, so it is kept
         {"type": "MXFP4", "experts": True, "n": 5760, "k": 2880, "m": 5, "tokens": 32,
          "results": [{"config": cfg(64, True, 16), "seconds": 3e-6, "default": True},
@@ -59,6 +69,7 @@ def test_tuning_table_from_sweeps(tmp_path, monkeypatch: pytest.MonkeyPatch) -> 
     ]}
     best = kernels.tuning_configs(report)
     assert best == {"Q4_K:1:896x4864": cfg(16), "MXFP4:1:2880x2880:experts": cfg(8), "Q4_K:8:896x4864": cfg(8, bm=8),
+                    "Q6_K:8:896x4864": cfg(32, True, 16), "Q4_K:32:896x4864": cfg(8, bm=8),
                     "MXFP4:5:5760x2880:experts": cfg(8, bm=5)}
     assert "sweep MXFP4 experts (32 tokens) 5760x2880 M=5: default 3.0 us (rank 2 of 2); best:" in (
         kernels.format_table({**report, "copy_gbps": 1.0, "dtype": "float32", "rows": []}).splitlines())

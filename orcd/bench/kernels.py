@@ -196,6 +196,35 @@ def decode_grid(ggml_type: int, m: int, n: int, k: int, device: torch.device) ->
     return grid
 
 
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def batch_decode_grid(m: int) -> list:
+    """Decode kernel launches for a batch of ``m`` rows past ``DECODE_MAX_ROWS``: blocks of that many rows, each
+    block of programs re-reading the weights (mostly from L2: the blocks of one weight tile are neighbours in the
+    launch order, so they run side by side)."""
+    from orcd_quant_formats.kernels import matmul
+
+    rows = matmul.DECODE_MAX_ROWS
+    return [matmul.Config(bm=rows, bn=bn, dot=False, nb=32 * warps, warps=warps, parts=matmul.DECODE_PARTS)
+            for warps, bn in ((2, 8), (4, 8), (8, 8), (4, 4))]
+
+
+def batch_dot_grid(m: int) -> list:
+    """tl.dot launches for a decode batch (``m`` rows up to ``TABLE_MAX_ROWS``): one block of rows, and narrower
+    weight tiles than a prompt's, which give more programs (more loads in flight) and fewer registers each."""
+    from orcd_quant_formats.kernels import matmul
+
+    bm = max(16, _pow2(m))
+    grid = [matmul.Config(bm=bm, bn=bn, dot=True, nb=2, warps=4) for bn in (16, 32, 64)]
+    grid += [matmul.Config(bm=bm, bn=64, dot=True, nb=2, warps=8), matmul.Config(bm=bm, bn=32, dot=True, nb=2,
+                                                                                    warps=4, stages=3)]
+    if bm > 16:
+        grid.append(matmul.Config(bm=16, bn=32, dot=True, nb=2, warps=4))
+    return grid
+
+
 def _timed_grid(configs: list, default: object, call: Callable[[object], list], repeat: int) -> list[dict]:
     results = []
     for cfg in configs:
@@ -212,7 +241,7 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
           rng: np.random.Generator) -> list[dict]:
     """Seconds per call of every launch configuration in a grid: decode kernel shapes for ``m <= 8``
     (``DECODE_MAX_ROWS``), tl.dot shapes for ``m > 1`` (both where they overlap, to place the switch between them)."""
-    from orcd_quant_formats.kernels import matmul
+    from orcd_quant_formats.kernels import matmul, tuning
 
     spec = matmul.SPECS[int(fmt.ggml_type)]
     bytes_one = n * fmt.row_bytes(k)
@@ -222,7 +251,11 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
     grid = []
     if m <= matmul.DECODE_MAX_ROWS:
         grid += decode_grid(int(fmt.ggml_type), m, n, k, device)
-    if m > 1:
+    elif m <= tuning.TABLE_MAX_ROWS:
+        grid += batch_decode_grid(m)
+    if 1 < m <= tuning.TABLE_MAX_ROWS:
+        grid += batch_dot_grid(m)
+    elif m > 1:
         grid += [matmul.Config(bm=bm, bn=bn, dot=True, nb=nb, warps=warps)
                  for bm, bn in ((16, 64), (32, 64), (64, 64), (64, 128), (128, 128), (128, 256))
                  if bm <= max(16, 2 * m) for nb in (2, 4) for warps in (4, 8)]
@@ -351,10 +384,10 @@ def run(
 
 
 def tuning_configs(report: dict) -> dict[str, dict]:
-    """The fastest decode launch of each swept shape, keyed as ``orcd_quant_formats.kernels.tuning`` reads them. Up
-    to ``FMA_MAX_ROWS`` rows the rule takes the decode kernel anyway; from there to ``DECODE_MAX_ROWS`` an entry
-    sends the shape to the decode kernel instead of tl.dot, so it is written only where the decode kernel was the
-    fastest of all."""
+    """The fastest launch of each swept shape, keyed as ``orcd_quant_formats.kernels.tuning`` reads them. Up to
+    ``FMA_MAX_ROWS`` rows, where the rule takes the decode kernel anyway, its fastest decode launch; past it, the
+    fastest launch of either kernel, written only where it is not the rule's own (``default``). Sweeps whose rows
+    the table has no key for (past ``TABLE_MAX_ROWS``, or between its buckets) give no entry."""
     from gguf import GGMLQuantizationType
 
     from orcd_quant_formats.kernels import tuning
@@ -362,11 +395,16 @@ def tuning_configs(report: dict) -> dict[str, dict]:
     best = {}
     for s in report["sweeps"]:
         everything = [x for x in s["results"] if x["seconds"]]
-        timed = [x for x in everything if not x["config"]["dot"]]
-        if s["m"] > tuning.DECODE_MAX_ROWS or not timed:
+        if s["m"] <= tuning.FMA_MAX_ROWS:  # the rule's kernel is the decode kernel: its fastest launch
+            candidates = [x for x in everything if not x["config"]["dot"]]
+        elif tuning.table_rows(s["m"]) == s["m"]:  # the fastest of all, where it is not the rule's own launch
+            candidates = everything
+        else:  # a batch the table has no key for (a prompt)
             continue
-        fastest = min(timed, key=lambda x: x["seconds"])
-        if s["m"] > tuning.FMA_MAX_ROWS and fastest["seconds"] > min(x["seconds"] for x in everything):
+        if not candidates:
+            continue
+        fastest = min(candidates, key=lambda x: x["seconds"])
+        if s["m"] > tuning.FMA_MAX_ROWS and fastest.get("default"):
             continue
         key = tuning.key(int(GGMLQuantizationType[s["type"]]), s["m"], s["n"], s["k"], s.get("experts", False))
         best[key] = fastest["config"]

@@ -257,26 +257,40 @@ def _picked(ggml_type: int, rows: int, N: int, K: int, multiprocessors: int) -> 
 @functools.lru_cache(maxsize=4096)
 def _fitted(ggml_type: int, rows: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
             experts: bool = False) -> Config:
-    """The launch for this shape: the measured one where the device's tuning table has it (decode), else the rule's,
-    shrunk to the device's shared memory."""
+    """The launch for this shape: the measured one where the device's tuning table has it (``_tuned``), else the
+    rule's, shrunk to the device's shared memory."""
     cfg = _tuned(ggml_type, rows, N, K, device, experts) or _picked(ggml_type, rows, N, K, _multiprocessors(device))
     return fit_shared_memory(cfg, SPECS[ggml_type], dtype.itemsize, _shared_memory(device))
 
 
 def _tuned(ggml_type: int, rows: int, N: int, K: int, device: torch.device, experts: bool) -> Config | None:
+    keyed = tuning.table_rows(rows)
+    if keyed is None:
+        return None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    entry = tuning.table(name).get(tuning.key(ggml_type, rows, N, K, experts))
+    key = tuning.key(ggml_type, keyed, N, K, experts)
+    entry = tuning.table(name).get(key)
     if entry is None:
         return None
     try:
         cfg = Config(**entry)
-        if cfg.dot or cfg.bm != rows:
-            raise ValueError("not a decode launch for this many rows")
+        _entry_fits(cfg, keyed)
         _checked(SPECS[ggml_type], cfg, K)
     except (TypeError, ValueError) as e:
-        warnings.warn(f"kernel tuning entry {tuning.key(ggml_type, rows, N, K, experts)} ignored: {e}", stacklevel=3)
+        warnings.warn(f"kernel tuning entry {key} ignored: {e}", stacklevel=3)
         return None
     return cfg
+
+
+def _entry_fits(cfg: Config, rows: int) -> None:
+    """A table entry for ``rows`` rows (a bucket past ``DECODE_MAX_ROWS``): a decode launch of that many rows a
+    block (of ``DECODE_MAX_ROWS`` past it), or, past ``FMA_MAX_ROWS`` (where the rule takes tl.dot), a tl.dot
+    launch."""
+    if cfg.dot:
+        if rows <= FMA_MAX_ROWS:
+            raise ValueError(f"a tl.dot launch for {rows} rows, which the decode kernel takes")
+    elif cfg.bm != min(rows, DECODE_MAX_ROWS):
+        raise ValueError(f"a decode launch for {rows} rows takes {min(rows, DECODE_MAX_ROWS)} a block")
 
 
 _SM_COUNT: dict[torch.device, int] = {}

@@ -6,8 +6,11 @@ JSON file per GPU model (``tuned/<device name>.json``, written by ``--tuning-out
 configurations the same way). ``ORCD_KERNEL_TUNING=FILE`` points at another file (``none``: use the rule only).
 
 A file is ``{"device": name, "configs": {key: Config fields}}`` with ``key`` = ``"<type>:<rows>:<N>x<K>"``, and
-``":experts"`` appended for a mixture-of-experts projection (``rows`` x rows per expert). A shape that is not in the
-file, or an entry that is not a valid decode launch, takes the rule.
+``":experts"`` appended for a mixture-of-experts projection (``rows`` x rows per expert). Past ``DECODE_MAX_ROWS``,
+``rows`` is a bucket (``table_rows``: 16, 32, 64; a decode batch of that many streams or fewer), and the entry may be
+a tl.dot launch or a decode launch of up to ``DECODE_MAX_ROWS`` rows per block, run over as many blocks as x has.
+Batches past ``TABLE_MAX_ROWS`` (prefill) always take the rule. A shape that is not in the file, or an entry that is
+not a valid launch for its rows, takes the rule.
 """
 
 from __future__ import annotations
@@ -29,6 +32,17 @@ FIELDS = ("bm", "bn", "dot", "nb", "split", "warps", "stages", "parts")
 # it (``orcd bench kernels --sweep --m 8`` times both kernels; not yet run on a GPU).
 FMA_MAX_ROWS = 4
 DECODE_MAX_ROWS = 8
+TABLE_MAX_ROWS = 64  # batches of more rows (a prompt) are not looked up: their row counts are too many to time
+
+
+def table_rows(rows: int) -> int | None:
+    """The rows a table entry for ``rows`` rows of x is keyed by: itself up to ``DECODE_MAX_ROWS``, then the next
+    power of two up to ``TABLE_MAX_ROWS`` (what a sweep at that many rows measured); None past it."""
+    if rows <= DECODE_MAX_ROWS:
+        return rows
+    if rows > TABLE_MAX_ROWS:
+        return None
+    return 1 << (rows - 1).bit_length()
 
 
 def key(ggml_type: int, rows: int, N: int, K: int, experts: bool = False) -> str:
