@@ -208,21 +208,19 @@ def batch_decode_grid(m: int) -> list:
 
     rows = matmul.DECODE_MAX_ROWS
     return [matmul.Config(bm=rows, bn=bn, dot=False, nb=32 * warps, warps=warps, parts=matmul.DECODE_PARTS)
-            for warps, bn in ((2, 8), (4, 8), (8, 8), (4, 4))]
+            for warps, bn in ((2, 8), (4, 8), (8, 8))]
 
 
 def batch_dot_grid(m: int) -> list:
-    """tl.dot launches for a decode batch (``m`` rows up to ``TABLE_MAX_ROWS``): one block of rows, and narrower
-    weight tiles than a prompt's, which give more programs (more loads in flight) and fewer registers each."""
+    """tl.dot launches for a decode batch (``m`` rows up to ``TABLE_MAX_ROWS``): one block of rows, the rule's
+    64 weight rows a program with 4 and 8 warps, and 16 rows (more programs, fewer registers: compiled for sm_90,
+    fp32 Q4_K at 32 x 16 takes 185 registers and 20 KiB of shared memory, at 32 x 64 226 and 112 KiB; 32 x 32 spilled
+    608 bytes a thread, so it is not in the grid)."""
     from orcd_quant_formats.kernels import matmul
 
     bm = max(16, _pow2(m))
-    grid = [matmul.Config(bm=bm, bn=bn, dot=True, nb=2, warps=4) for bn in (16, 32, 64)]
-    grid += [matmul.Config(bm=bm, bn=64, dot=True, nb=2, warps=8), matmul.Config(bm=bm, bn=32, dot=True, nb=2,
-                                                                                    warps=4, stages=3)]
-    if bm > 16:
-        grid.append(matmul.Config(bm=16, bn=32, dot=True, nb=2, warps=4))
-    return grid
+    return [matmul.Config(bm=bm, bn=16, dot=True, nb=2, warps=4), matmul.Config(bm=bm, bn=64, dot=True, nb=2, warps=4),
+            matmul.Config(bm=bm, bn=64, dot=True, nb=2, warps=8)]
 
 
 def _timed_grid(configs: list, default: object, call: Callable[[object], list], repeat: int) -> list[dict]:
@@ -339,9 +337,11 @@ def run(
     device: str = "cuda",
     seed: int = 0,
     model: str | None = None,
+    on_sweep: Callable[[dict], None] | None = None,
 ) -> dict:
     """Every format in ``types`` at every shape in ``shapes`` (and GPT-OSS's expert tensor, with ``moe``); or, with
-    ``model`` (a GGUF file), exactly the projections that model's decode step launches."""
+    ``model`` (a GGUF file), exactly the projections that model's decode step launches. ``on_sweep`` sees the
+    report so far after each sweep (a long sweep cut short keeps what it measured)."""
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError("the kernel benchmark needs a CUDA device")
@@ -358,6 +358,11 @@ def run(
     rng = np.random.default_rng(seed)
     copy_gbps = copy_bandwidth(dev)
     rows, sweeps = [], []
+
+    def report() -> dict:
+        return {"device_name": torch.cuda.get_device_name(dev), "dtype": str(dtype).removeprefix("torch."),
+                "copy_gbps": copy_gbps, "rows": [asdict(r) for r in rows], "sweeps": sweeps}
+
     with torch.inference_mode():
         for name, n, k in linears:
             fmt = by_name[name]
@@ -366,6 +371,8 @@ def run(
                 if do_sweep:
                     sweeps.append({"type": name, "n": n, "k": k, "m": m,
                                    "results": sweep(fmt, n, k, m, dtype, dev, repeat, rng)})
+                    if on_sweep:
+                        on_sweep(report())
         for name, shape in experts:
             for tokens in MOE_TOKENS:
                 rows.append(bench_moe(by_name[name], tokens, dtype, dev, repeat, rng, shape))
@@ -374,13 +381,9 @@ def run(
                     sweeps.append({"type": name, "experts": True, "n": shape[1], "k": shape[2], "m": rows,
                                    "tokens": tokens,
                                    "results": sweep_moe(by_name[name], dtype, dev, repeat, rng, shape, tokens)})
-    return {
-        "device_name": torch.cuda.get_device_name(dev),
-        "dtype": str(dtype).removeprefix("torch."),
-        "copy_gbps": copy_gbps,
-        "rows": [asdict(r) for r in rows],
-        "sweeps": sweeps,
-    }
+                    if on_sweep:
+                        on_sweep(report())
+    return report()
 
 
 def tuning_configs(report: dict) -> dict[str, dict]:
@@ -482,17 +485,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_args(args: argparse.Namespace) -> int:
     """Run from parsed arguments (``main`` and ``orcd bench kernels``)."""
+    def write_tuning(report: dict) -> None:
+        from orcd_quant_formats.kernels import tuning
+
+        tuning.write(args.tuning_out, report["device_name"], tuning_configs(report))
+        if report["sweeps"]:  # progress, for a run that may be cut short
+            last = report["sweeps"][-1]
+            timed = [r["seconds"] for r in last["results"] if r["seconds"]]
+            best = f"{min(timed) * 1e6:.1f} us" if timed else "none ran"
+            print(f"swept {last['type']} {last['n']}x{last['k']} M={last['m']}: best {best}", file=sys.stderr,
+                  flush=True)
+
     report = run(
         types=[t.strip().upper() for t in args.types.split(",") if t.strip()],
         shapes=[_shape(s) for s in args.shapes.split(",") if s.strip()],
         ms=[int(m) for m in args.m.split(",")],
         dtype=getattr(torch, args.dtype), repeat=args.repeat, moe=not args.no_moe, do_sweep=args.sweep,
-        model=args.model,
+        model=args.model, on_sweep=write_tuning if args.tuning_out else None,
     )
     if args.tuning_out:
-        from orcd_quant_formats.kernels import tuning
-
-        tuning.write(args.tuning_out, report["device_name"], tuning_configs(report))
+        write_tuning(report)
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         print()
