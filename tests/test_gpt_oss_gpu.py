@@ -37,7 +37,11 @@ def test_weights_stay_as_stored_on_the_gpu(synth_model, plugins) -> None:
     file_bytes = sum(t.n_bytes for t in model.tensors.values())
     # The caching allocator rounds each of the ~80 tensors up to 512 bytes: a few KiB over the file's bytes.
     assert file_bytes <= held <= 1.1 * file_bytes, (held, file_bytes)
-    assert all(b.mlp.gate.weight.data.device == DEV for b in module.blocks)
+    for b in module.blocks:  # on CUDA gate and up are one stacked expert tensor (``gate`` None), still MXFP4
+        mlp = b.mlp
+        assert mlp.gate is None and mlp.up.rows == 2 * mlp.down.cols
+        for projection in (mlp.up, mlp.down):
+            assert projection.weight.data.device == DEV and projection.weight.fmt.name == "MXFP4"
 
 
 def test_logits_on_cuda_match_transformers(synth_model, plugins) -> None:

@@ -62,6 +62,11 @@ def test_tuning_table_from_sweeps(tmp_path, monkeypatch: pytest.MonkeyPatch) -> 
                                                                    {"config": cfg(64, True, 32), "seconds": 3e-6,
                                                                     "default": True}]},
         {"type": "Q4_K", "n": 896, "k": 4864, "m": 20, "results": [{"config": cfg(8, bm=8), "seconds": 2e-6}]},
+        # the grid's copy of the rule's launch timed fastest: no entry
+        {"type": "Q4_K", "n": 3072, "k": 3072, "m": 32, "results": [{"config": cfg(64, True, 32), "seconds": 3e-6,
+                                                                     "default": True},
+                                                                    {"config": cfg(64, True, 32), "seconds": 2e-6},
+                                                                    {"config": cfg(8, bm=8), "seconds": 4e-6}]},
         # 32 tokens' experts (5 rows a block): the grouped decode launch beat the rule's tl.dot, so it is kept
         {"type": "MXFP4", "experts": True, "n": 5760, "k": 2880, "m": 5, "tokens": 32,
          "results": [{"config": cfg(64, True, 16), "seconds": 3e-6, "default": True},

@@ -377,8 +377,8 @@ def run(
             for tokens in MOE_TOKENS:
                 rows.append(bench_moe(by_name[name], tokens, dtype, dev, repeat, rng, shape))
             if do_sweep:
-                for rows, tokens in expert_sweep_tokens(ms, shape[0]).items():
-                    sweeps.append({"type": name, "experts": True, "n": shape[1], "k": shape[2], "m": rows,
+                for planned, tokens in expert_sweep_tokens(ms, shape[0]).items():
+                    sweeps.append({"type": name, "experts": True, "n": shape[1], "k": shape[2], "m": planned,
                                    "tokens": tokens,
                                    "results": sweep_moe(by_name[name], dtype, dev, repeat, rng, shape, tokens)})
                     if on_sweep:
@@ -407,7 +407,8 @@ def tuning_configs(report: dict) -> dict[str, dict]:
         if not candidates:
             continue
         fastest = min(candidates, key=lambda x: x["seconds"])
-        if s["m"] > tuning.FMA_MAX_ROWS and fastest.get("default"):
+        rule = [x["config"] for x in s["results"] if x.get("default")]
+        if s["m"] > tuning.FMA_MAX_ROWS and fastest["config"] in rule:  # the grid may time the rule's launch twice
             continue
         key = tuning.key(int(GGMLQuantizationType[s["type"]]), s["m"], s["n"], s["k"], s.get("experts", False))
         best[key] = fastest["config"]
@@ -491,10 +492,12 @@ def run_args(args: argparse.Namespace) -> int:
         tuning.write(args.tuning_out, report["device_name"], tuning_configs(report))
         if report["sweeps"]:  # progress, for a run that may be cut short
             last = report["sweeps"][-1]
-            timed = [r["seconds"] for r in last["results"] if r["seconds"]]
-            best = f"{min(timed) * 1e6:.1f} us" if timed else "none ran"
-            print(f"swept {last['type']} {last['n']}x{last['k']} M={last['m']}: best {best}", file=sys.stderr,
-                  flush=True)
+            timed = [r for r in last["results"] if r["seconds"]]
+            rule = next((f"{r['seconds'] * 1e6:.1f} us" for r in timed if r.get("default")), "did not run")
+            best = min(timed, key=lambda r: r["seconds"]) if timed else None
+            print(f"swept {last['type']} {last['n']}x{last['k']} M={last['m']}: rule's launch {rule}; best "
+                  + (f"{best['seconds'] * 1e6:.1f} us {best['config']}" if best else "none ran"),
+                  file=sys.stderr, flush=True)
 
     report = run(
         types=[t.strip().upper() for t in args.types.split(",") if t.strip()],
