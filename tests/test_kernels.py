@@ -168,6 +168,36 @@ def test_interpreted_prompt_linear_in_tiles_equals_the_reference(formats: dict[s
 
 
 @interpreter_only
+def test_interpreted_code_dot_equals_the_reference(formats: dict[str, QuantFormat]) -> None:
+    """The Q4_K code dot (``codes_dot``: integer codes times x cut into two fp16 parts, each (row, 32 values) of x
+    scaled by a power of two) is within fp32's tolerance of the reference at x of 1, 1e-4 and 3e3 (fp16 alone would
+    overflow or lose the small values) with a zero row, rows and weight rows that do not fill a block, and a bias;
+    16-bit x takes the ordinary tile; experts and other formats refuse it by name."""
+    matmul = matmul_module()
+    fmt = formats["Q4_K"]
+    t, K, N = int(fmt.ggml_type), 512, 19
+    rng = np.random.default_rng(11)
+    raw, w = random_weight(fmt, (N, K), rng)
+    bias = torch.from_numpy(rng.standard_normal(N, dtype=np.float32))
+    codes = matmul.Config(bm=16, bn=16, dot=True, nb=2, codes=True)
+    for scale in (1.0, 1e-4, 3e3):
+        x = torch.from_numpy(rng.standard_normal((20, K), dtype=np.float32) * np.float32(scale))
+        x[3] = 0
+        got = matmul.linear(x, torch.from_numpy(raw), t, N, K, bias, config=codes)
+        ref = x.double() @ torch.from_numpy(w).T + bias.double()
+        assert relative_error(got, ref) < TOLERANCE[torch.float32], scale
+    x16 = torch.from_numpy(rng.standard_normal((5, K), dtype=np.float32)).half()
+    got = matmul.linear(x16, torch.from_numpy(raw), t, N, K, config=codes)
+    assert got.dtype == torch.float16
+    assert relative_error(got, x16.double() @ torch.from_numpy(w).half().double().T) < TOLERANCE[torch.float16]
+    with pytest.raises(ValueError, match="Q4_K only"):
+        matmul._checked(matmul.SPECS[int(formats["Q8_0"].ggml_type)], codes, 96)
+    with pytest.raises(ValueError, match="no grouped"):
+        matmul.expert_linear(x16.float(), torch.from_numpy(raw), t, 1, N, K, torch.zeros(5, dtype=torch.int32),
+                             config=codes)
+
+
+@interpreter_only
 @pytest.mark.parametrize(("name", "path"), [
     *[(name, path) for name in ("MXFP4", "Q4_K", "Q8_0", "Q6_K") for path in ("decode", "dot", "auto")],
     ("MXFP4", "decode-split"), ("Q8_0", "dot-split"), ("MXFP4", "decode-pairs"), ("Q6_K", "decode-pairs"),
@@ -256,12 +286,17 @@ def test_tuning_table_gives_the_measured_launch(formats: dict[str, QuantFormat],
                                       tuning.key(t, 8, N, K): {**tuned, "bm": 8},
                                       tuning.key(t, 32, N, K): {**tuned, "bm": 8},
                                       tuning.key(t, 16, N, K): dot,
+                                      tuning.key(t, 64, N, K): {**dot, "bm": 64, "codes": True},
+                                      tuning.key(t, 64, N, K, experts=True): {**dot, "bm": 64, "codes": True},
                                       tuning.key(t, 4, N, K): dot})
     assert matmul._fitted(t, 1, N, K, torch.float32, cpu) == matmul.Config(**tuned)
     assert matmul._fitted(t, 8, N, K, torch.float32, cpu) == matmul.Config(**{**tuned, "bm": 8})
     assert matmul._fitted(t, 20, N, K, torch.float32, cpu) == matmul.Config(**{**tuned, "bm": 8})
     assert matmul._fitted(t, 16, N, K, torch.float32, cpu) == matmul.Config(**dot)
     assert matmul._fitted(t, 512, N, K, torch.float32, cpu) == matmul._picked(t, 512, N, K, 4)
+    assert matmul._fitted(t, 40, N, K, torch.float32, cpu) == matmul.Config(**{**dot, "bm": 64, "codes": True})
+    with pytest.warns(UserWarning, match="no grouped"):
+        assert matmul._fitted(t, 64, N, K, torch.float32, cpu, experts=True) == matmul._picked(t, 64, N, K, 4)
     with pytest.warns(UserWarning, match="which the decode kernel takes"):
         assert matmul._fitted(t, 4, N, K, torch.float32, cpu) == matmul._picked(t, 4, N, K, 4)
     assert matmul._fitted(t, 1, N, K, torch.float32, cpu, experts=True) == matmul.Config(**experts)
@@ -532,6 +567,42 @@ def test_fitted_dot_launches_compile_within_h100_shared_memory(
 
 
 H100_SHARED = 232448  # bytes of shared memory one program may use on an H100 (sm_90)
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETED, reason="compiles for sm_90; the interpreter replaces the compiler")
+def test_code_dot_launches_compile_for_sm_90_without_spills() -> None:
+    """The code-dot launches the 32-row sweep times (``orcd.bench.kernels.codes_grid``) compile for an H100 (sm_90,
+    no GPU needed) without spilling registers to the stack; an unrolled super-block spilled 792 bytes a thread."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from orcd.bench.kernels import codes_grid
+    from orcd_quant_formats.kernels import codes_dot
+
+    fn = codes_dot.q4_k_codes_kernel
+    types = {"hi_ptr": "*fp16", "lo_ptr": "*fp16", "w_ptr": "*u8"}
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for cfg in codes_grid(32):
+        consts = {"BM": cfg.bm, "BN": cfg.bn}
+        signature = {a: "constexpr" if a in consts else types.get(a, "*fp32" if a.endswith("_ptr") else "i32")
+                     for a in fn.arg_names}
+        source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": cfg.warps, "num_stages": cfg.stages})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True,
+                                   check=True).stdout
+        assert re.search(r"STACK:0\b", usage), (cfg, usage)
+        assert kernel.metadata.shared <= H100_SHARED, (cfg, kernel.metadata.shared)
 
 
 @needs_triton

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+import gguf
 import numpy as np
 import torch
 
@@ -223,6 +224,16 @@ def batch_dot_grid(m: int) -> list:
             matmul.Config(bm=bm, bn=64, dot=True, nb=2, warps=8)]
 
 
+def codes_grid(m: int) -> list:
+    """Code-dot launches (fp32 x, Q4_K: ``codes_dot``) for a decode batch: compiled for sm_90, 64 weight rows with
+    8 warps take 170 registers and 8 KiB of shared memory, 32 rows with 4 warps 254 and 4 KiB, without spills."""
+    from orcd_quant_formats.kernels import matmul
+
+    bm = max(16, _pow2(m))
+    return [matmul.Config(bm=bm, bn=64, dot=True, nb=2, warps=8, codes=True),
+            matmul.Config(bm=bm, bn=32, dot=True, nb=2, warps=4, codes=True)]
+
+
 def _timed_grid(configs: list, default: object, call: Callable[[object], list], repeat: int) -> list[dict]:
     results = []
     for cfg in configs:
@@ -253,6 +264,8 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
         grid += batch_decode_grid(m)
     if 1 < m <= tuning.TABLE_MAX_ROWS:
         grid += batch_dot_grid(m)
+        if fmt.ggml_type == gguf.GGMLQuantizationType.Q4_K and dtype == torch.float32:
+            grid += codes_grid(m)
     elif m > 1:
         grid += [matmul.Config(bm=bm, bn=bn, dot=True, nb=nb, warps=warps)
                  for bm, bn in ((16, 64), (32, 64), (64, 64), (64, 128), (128, 128), (128, 256))

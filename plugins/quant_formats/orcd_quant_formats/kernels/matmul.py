@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from orcd_quant_formats.kernels import tuning
+from orcd_quant_formats.kernels import codes_dot, tuning
 from orcd_quant_formats.kernels.tuning import DECODE_MAX_ROWS, FMA_MAX_ROWS
 from orcd_quant_formats.kernels.common import (
     FMT_MXFP4, FMT_Q4_0, FMT_Q4_1, FMT_Q4_K, FMT_Q5_0, FMT_Q5_1, FMT_Q5_K, FMT_Q6_K, FMT_Q8_0, MAGIC_BITS,
@@ -212,7 +212,9 @@ class Config:
     blocks; K-quants: 64 values, 128 for Q6_K under tl.dot) per iteration; ``dot``: the tl.dot kernel, else the
     decode kernel (``bm`` <= ``DECODE_MAX_ROWS``), whose units are cut into ``parts`` (one lane each; ``nb`` then
     counts parts).
-    ``split``: chunks of K (0: chosen from the grid size)."""
+    ``split``: chunks of K (0: chosen from the grid size). ``codes``: for fp32 x and Q4_K, the tensor-core dot on
+    the blocks' integer codes (``codes_dot``; ``nb``, ``split`` and ``parts`` unused), only where a table or a
+    sweep asks for it."""
 
     bm: int
     bn: int
@@ -222,6 +224,7 @@ class Config:
     warps: int = 4
     stages: int = 2
     parts: int = 1
+    codes: bool = False
 
 
 def _pow2_at_least(n: int) -> int:
@@ -275,6 +278,8 @@ def _tuned(ggml_type: int, rows: int, N: int, K: int, device: torch.device, expe
     try:
         cfg = Config(**entry)
         _entry_fits(cfg, keyed)
+        if experts and cfg.codes:
+            raise ValueError("the code dot has no grouped (expert) kernel")
         _checked(SPECS[ggml_type], cfg, K)
     except (TypeError, ValueError) as e:
         warnings.warn(f"kernel tuning entry {key} ignored: {e}", stacklevel=3)
@@ -324,7 +329,7 @@ def fit_shared_memory(cfg: Config, spec: Spec, element_size: int, limit: int) ->
     a high and a low part of each): compiled for sm_90 it bounds what Triton 3.9 allocates for every format (fp32
     Q4_K at 128x128 takes 256 KiB, more than an H100's 227). The budget keeps 1/8 for the compiler's own scratch;
     a launch that still runs out is retried with smaller tiles (``_launch_dot``)."""
-    if not cfg.dot:
+    if not cfg.dot or cfg.codes:  # the code dot keeps a few KiB (fp16 operands of one 32-value sub-block)
         return cfg
     step = cfg.nb * spec.unit(True)
     budget = limit * 7 // 8
@@ -355,6 +360,8 @@ def _checked(spec: Spec, cfg: Config, K: int) -> None:
         raise ValueError(f"decode launch {cfg}: parts must be 1, 2, 4 or 8")
     if cfg.dot and (cfg.bm < 16 or cfg.bn < 16):
         raise ValueError(f"tl.dot launch {cfg}: bm and bn must be at least 16")
+    if cfg.codes and (not cfg.dot or spec is not SPECS[int(T.Q4_K)]):
+        raise ValueError(f"launch {cfg}: the code dot is a tl.dot launch for Q4_K only")
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -470,6 +477,12 @@ def linear(
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
     cfg = config or _fitted(ggml_type, M, N, K, x.dtype, x.device)
+    if cfg.codes:
+        _checked(SPECS[ggml_type], cfg, K)
+        if x2.dtype == torch.float32:
+            out = codes_dot.q4_k_linear(x2, data, N, K, bm=cfg.bm, bn=cfg.bn, warps=cfg.warps, stages=cfg.stages)
+            return (out if bias is None else out + bias.float()).reshape(*x.shape[:-1], N)
+        cfg = replace(cfg, codes=False)  # 16-bit x: tl.dot's tiles in x's dtype, as the reference path casts
     out = _launch(x2, data, ggml_type, N, K, bias, cfg, triton.cdiv(M, cfg.bm), M)
     return out.reshape(*x.shape[:-1], N)
 
@@ -546,6 +559,8 @@ def expert_linear(
     if P == 0:
         return x.new_empty(0, N)
     cfg = config or _fitted(ggml_type, expert_rows(P, n_expert), N, K, x.dtype, x.device, experts=True)
+    if cfg.codes:
+        raise ValueError(f"launch {cfg}: the code dot has no grouped (expert) kernel")
     table = pair_blocks(ids) if cfg.bm == 1 else expert_blocks(ids, n_expert, cfg.bm)
     flat = ids.reshape(-1) if bias is not None else None  # split-K's bias rows (index_select takes int32 too)
     return _launch(x2, data, ggml_type, N, K, bias, cfg, table[0].numel(), P, grouped=table, x_div=per_row,

@@ -26,7 +26,7 @@ import gguf
 
 ENV = "ORCD_KERNEL_TUNING"
 TUNED_DIR = Path(__file__).parent / "tuned"
-FIELDS = ("bm", "bn", "dot", "nb", "split", "warps", "stages", "parts")
+FIELDS = ("bm", "bn", "dot", "nb", "split", "warps", "stages", "parts", "codes")
 # Up to FMA_MAX_ROWS rows of x per weight block the rule (``matmul.pick_config``) takes the decode kernel, past it
 # tl.dot. The decode kernel itself takes up to DECODE_MAX_ROWS: between the two, only an entry here sends a shape to
 # it (``orcd bench kernels --sweep --m 8`` times both kernels; not yet run on a GPU).
