@@ -168,13 +168,14 @@ def test_interpreted_prompt_linear_in_tiles_equals_the_reference(formats: dict[s
 
 
 @interpreter_only
-def test_interpreted_code_dot_equals_the_reference(formats: dict[str, QuantFormat]) -> None:
-    """The Q4_K code dot (``codes_dot``: integer codes times x cut into two fp16 parts, each (row, 32 values) of x
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+def test_interpreted_code_dot_equals_the_reference(formats: dict[str, QuantFormat], name: str) -> None:
+    """The code dot (``codes_dot``: integer codes times x cut into two fp16 parts, each (row, 32 values) of x
     scaled by a power of two) is within fp32's tolerance of the reference at x of 1, 1e-4 and 3e3 (fp16 alone would
     overflow or lose the small values) with a zero row, rows and weight rows that do not fill a block, and a bias;
     16-bit x takes the ordinary tile; experts and other formats refuse it by name."""
     matmul = matmul_module()
-    fmt = formats["Q4_K"]
+    fmt = formats[name]
     t, K, N = int(fmt.ggml_type), 512, 19
     rng = np.random.default_rng(11)
     raw, w = random_weight(fmt, (N, K), rng)
@@ -190,7 +191,7 @@ def test_interpreted_code_dot_equals_the_reference(formats: dict[str, QuantForma
     got = matmul.linear(x16, torch.from_numpy(raw), t, N, K, config=codes)
     assert got.dtype == torch.float16
     assert relative_error(got, x16.double() @ torch.from_numpy(w).half().double().T) < TOLERANCE[torch.float16]
-    with pytest.raises(ValueError, match="Q4_K only"):
+    with pytest.raises(ValueError, match="Q4_K and Q6_K only"):
         matmul._checked(matmul.SPECS[int(formats["Q8_0"].ggml_type)], codes, 96)
     with pytest.raises(ValueError, match="no grouped"):
         matmul.expert_linear(x16.float(), torch.from_numpy(raw), t, 1, N, K, torch.zeros(5, dtype=torch.int32),
@@ -572,8 +573,9 @@ H100_SHARED = 232448  # bytes of shared memory one program may use on an H100 (s
 @needs_triton
 @pytest.mark.skipif(INTERPRETED, reason="compiles for sm_90; the interpreter replaces the compiler")
 def test_code_dot_launches_compile_for_sm_90_without_spills() -> None:
-    """The code-dot launches the 32-row sweep times (``orcd.bench.kernels.codes_grid``) compile for an H100 (sm_90,
-    no GPU needed) without spilling registers to the stack; an unrolled super-block spilled 792 bytes a thread."""
+    """The code-dot launches the 32-row sweep times (``orcd.bench.kernels.codes_grid``), Q4_K's and Q6_K's, compile
+    for an H100 (sm_90, no GPU needed) without spilling registers to the stack; Q4_K's unrolled over a super-block
+    spilled 792 bytes a thread."""
     import os
     import re
     import subprocess
@@ -586,10 +588,9 @@ def test_code_dot_launches_compile_for_sm_90_without_spills() -> None:
     from orcd.bench.kernels import codes_grid
     from orcd_quant_formats.kernels import codes_dot
 
-    fn = codes_dot.q4_k_codes_kernel
     types = {"hi_ptr": "*fp16", "lo_ptr": "*fp16", "w_ptr": "*u8"}
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    for cfg in codes_grid(32):
+    for fn, cfg in [(kernel, cfg) for _, kernel, _ in codes_dot.KERNELS.values() for cfg in codes_grid(32)]:
         consts = {"BM": cfg.bm, "BN": cfg.bn}
         signature = {a: "constexpr" if a in consts else types.get(a, "*fp32" if a.endswith("_ptr") else "i32")
                      for a in fn.arg_names}

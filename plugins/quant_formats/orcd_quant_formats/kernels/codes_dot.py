@@ -1,12 +1,12 @@
-"""Batch matmul on a format's integer codes: ``out = x @ W.T`` for fp32 ``x`` and Q4_K ``W``, with tensor-core dots
-whose weight operand is the blocks' codes as they stand.
+"""Batch matmul on a format's integer codes: ``out = x @ W.T`` for fp32 ``x`` and Q4_K or Q6_K ``W``, with
+tensor-core dots whose weight operand is the blocks' codes as they stand.
 
 Why: the tl.dot kernel (``matmul.qmm_kernel``) decodes fp32 weights and, for fp32 ``x``, keeps a high and a low
 TF32 part of each (three products a term). Compiled for sm_90, its 32-row Q4_K launch takes 226 registers and
 112 KiB of shared memory a program, and on an H100 a 32-stream decode step's matmuls ran at about 0.2 TB/s
 (``docs/architecture.md``). Here a sub-block's ``sum_i w_i x_i`` is taken apart as llama.cpp's quantized matmuls
-do: ``sum_i ((d sc) q_i - dmin m) x_i = (d sc) sum_i q_i x_i - (dmin m) sum_i x_i``. The codes ``q_i`` (0..15) are
-exact in fp16, so the dot multiplies them as fp16 by x cut into two fp16 parts, after scaling each (row, sub-block)
+do: ``sum_i ((d sc) q_i - dmin m) x_i = (d sc) sum_i q_i x_i - (dmin m) sum_i x_i`` (Q6_K: ``d sc`` per 16 values,
+no min). The codes (Q4_K 0..15, Q6_K -32..31) are exact in fp16, so the dot multiplies them as fp16 by x cut into two fp16 parts, after scaling each (row, sub-block)
 of x by a power of two that puts its largest value near 2**14 (no overflow, no subnormal low parts); the scale and
 min of the sub-block are applied to the dot's fp32 result. x is scaled and cut once per call (``split_x``, as
 llama.cpp quantizes x to q8_1 once), not once per weight tile. Every product is exact and x keeps 22 of its 24 bits
@@ -18,6 +18,7 @@ Not yet timed on a GPU: ``Config(codes=True)`` selects it (a tuning-table entry 
 
 from __future__ import annotations
 
+import gguf
 import torch
 import triton
 import triton.language as tl
@@ -25,8 +26,8 @@ import triton.language as tl
 from orcd_quant_formats.kernels.common import as_u16, f16_u16, load_bytes
 from orcd_quant_formats.kernels.kquants import scale_min
 
+T = gguf.GGMLQuantizationType
 QK_K = 256
-Q4_K_BYTES = 144
 
 
 @triton.jit
@@ -105,6 +106,58 @@ def q4_k_codes_kernel(hi_ptr, lo_ptr, inv_ptr, sum_ptr, w_ptr, out_ptr, M, N, K,
              mask=mask)
 
 
+@triton.jit
+def _half_dot(q, hi_rows, lo_rows, inv_rows, k0, j):
+    """``sum_i q_i x_i`` over the 16 values at x index ``k0`` for codes ``q (BN, 16)`` (fp16): ``(BN, BM)`` fp32."""
+    hi = tl.load(hi_rows[:, None] + k0 + j[None, :])
+    lo = tl.load(lo_rows[:, None] + k0 + j[None, :])
+    s = tl.dot(q, tl.trans(hi))
+    s = tl.dot(q, tl.trans(lo), s)
+    return s * tl.load(inv_rows + k0 // 32)[None, :]
+
+
+@triton.jit
+def _q6_codes(block, h, t, i):
+    """Q6_K codes minus 32 (-32..31, exact in fp16) of values ``128 h + 32 t + i`` (``i (16,)``) of each row's
+    ``block``, as ``(BN, 16)`` fp16: low 4 bits in nibble ``t // 2`` of ``ql[64 h + 32 (t % 2) + i]``, high 2 bits at
+    bit ``2 t`` of ``qh[32 h + i]`` (gguf's layout)."""
+    ql = load_bytes(block[:, None] + 64 * h + 32 * (t % 2) + i[None, :])
+    qh = load_bytes(block[:, None] + 128 + 32 * h + i[None, :])
+    low = (ql >> (4 * (t // 2))) & 15
+    return ((low | (((qh >> (2 * t)) & 3) << 4)) - 32).to(tl.float16)
+
+
+@triton.jit
+def q6_k_codes_kernel(hi_ptr, lo_ptr, inv_ptr, w_ptr, out_ptr, M, N, K, stride_wn, stride_om,
+                      BM: tl.constexpr, BN: tl.constexpr):
+    """As ``q4_k_codes_kernel`` for Q6_K (210-byte super-blocks; an int8 scale per 16 values, no min): a step is
+    32 values (one field of a half), two dots of 16."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
+    m = tl.minimum(offs_m, M - 1).to(tl.int64)
+    hi_rows = hi_ptr + m * K
+    lo_rows = lo_ptr + m * K
+    inv_rows = inv_ptr + m * (K // 32)
+    i = tl.arange(0, 16)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for u in range(0, K // 32):
+        block = w_rows + (u // 8) * 210
+        h = (u % 8) // 4
+        t = u % 4
+        d = f16_u16(as_u16(block + 208))
+        sc0 = tl.load(block + 192 + 8 * h + 2 * t).to(tl.int8, bitcast=True).to(tl.float32)
+        sc1 = tl.load(block + 193 + 8 * h + 2 * t).to(tl.int8, bitcast=True).to(tl.float32)
+        s0 = _half_dot(_q6_codes(block, h, t, i), hi_rows, lo_rows, inv_rows, 32 * u, i)
+        s1 = _half_dot(_q6_codes(block, h, t, i + 16), hi_rows, lo_rows, inv_rows, 32 * u + 16, i)
+        acc += (d * sc0)[:, None] * s0 + (d * sc1)[:, None] * s1
+    mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
+    tl.store(out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
 SPLIT_SUB_BLOCKS = 8  # sub-blocks of x per program of split_x_kernel
 
 
@@ -120,14 +173,23 @@ def split_x(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return hi, lo, inv, sums
 
 
-def q4_k_linear(x: torch.Tensor, data: torch.Tensor, N: int, K: int, bm: int = 32, bn: int = 64,
-                warps: int = 4, stages: int = 2) -> torch.Tensor:
-    """``x (M, K)`` fp32 times the Q4_K rows ``data (N, K / 256 * 144)``, transposed: ``(M, N)`` fp32."""
-    if x.dtype != torch.float32 or K % QK_K or data.shape[-1] != K // QK_K * Q4_K_BYTES:
-        raise ValueError(f"the code dot takes fp32 x and Q4_K rows of a multiple of {QK_K} values")
+# ggml type -> (super-block bytes, kernel, whether it takes the sub-blocks' sums of x)
+KERNELS = {int(T.Q4_K): (144, q4_k_codes_kernel, True), int(T.Q6_K): (210, q6_k_codes_kernel, False)}
+
+
+def codes_linear(x: torch.Tensor, data: torch.Tensor, ggml_type: int, N: int, K: int, bm: int = 32, bn: int = 64,
+                 warps: int = 4, stages: int = 2) -> torch.Tensor:
+    """``x (M, K)`` fp32 times the rows ``data (N, K / 256 * block bytes)`` of a K-quant in ``KERNELS``,
+    transposed: ``(M, N)`` fp32."""
+    if ggml_type not in KERNELS:
+        raise ValueError(f"no code dot for ggml type {ggml_type}")
+    block_bytes, kernel, sums = KERNELS[ggml_type]
+    if x.dtype != torch.float32 or K % QK_K or data.shape[-1] != K // QK_K * block_bytes:
+        raise ValueError(f"the code dot takes fp32 x and rows of a multiple of {QK_K} values")
     M = x.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    q4_k_codes_kernel[grid](*split_x(x), data, out, M, N, K, data.stride(0), out.stride(0), BM=bm, BN=bn,
-                            num_warps=warps, num_stages=stages)
+    hi, lo, inv, total = split_x(x)
+    parts = (hi, lo, inv, total) if sums else (hi, lo, inv)
+    kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](*parts, data, out, M, N, K, data.stride(0), out.stride(0),
+                                                     BM=bm, BN=bn, num_warps=warps, num_stages=stages)
     return out

@@ -212,7 +212,7 @@ class Config:
     blocks; K-quants: 64 values, 128 for Q6_K under tl.dot) per iteration; ``dot``: the tl.dot kernel, else the
     decode kernel (``bm`` <= ``DECODE_MAX_ROWS``), whose units are cut into ``parts`` (one lane each; ``nb`` then
     counts parts).
-    ``split``: chunks of K (0: chosen from the grid size). ``codes``: for fp32 x and Q4_K, the tensor-core dot on
+    ``split``: chunks of K (0: chosen from the grid size). ``codes``: for fp32 x and Q4_K or Q6_K, the tensor-core dot on
     the blocks' integer codes (``codes_dot``; ``nb``, ``split`` and ``parts`` unused), only where a table or a
     sweep asks for it."""
 
@@ -360,8 +360,8 @@ def _checked(spec: Spec, cfg: Config, K: int) -> None:
         raise ValueError(f"decode launch {cfg}: parts must be 1, 2, 4 or 8")
     if cfg.dot and (cfg.bm < 16 or cfg.bn < 16):
         raise ValueError(f"tl.dot launch {cfg}: bm and bn must be at least 16")
-    if cfg.codes and (not cfg.dot or spec is not SPECS[int(T.Q4_K)]):
-        raise ValueError(f"launch {cfg}: the code dot is a tl.dot launch for Q4_K only")
+    if cfg.codes and (not cfg.dot or not any(spec is SPECS[t] for t in codes_dot.KERNELS)):
+        raise ValueError(f"launch {cfg}: the code dot is a tl.dot launch for Q4_K and Q6_K only")
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -480,7 +480,8 @@ def linear(
     if cfg.codes:
         _checked(SPECS[ggml_type], cfg, K)
         if x2.dtype == torch.float32:
-            out = codes_dot.q4_k_linear(x2, data, N, K, bm=cfg.bm, bn=cfg.bn, warps=cfg.warps, stages=cfg.stages)
+            out = codes_dot.codes_linear(x2, data, ggml_type, N, K, bm=cfg.bm, bn=cfg.bn, warps=cfg.warps,
+                                         stages=cfg.stages)
             return (out if bias is None else out + bias.float()).reshape(*x.shape[:-1], N)
         cfg = replace(cfg, codes=False)  # 16-bit x: tl.dot's tiles in x's dtype, as the reference path casts
     out = _launch(x2, data, ggml_type, N, K, bias, cfg, triton.cdiv(M, cfg.bm), M)
