@@ -225,8 +225,9 @@ def batch_dot_grid(m: int) -> list:
 
 
 def codes_grid(m: int) -> list:
-    """Code-dot launches (fp32 x, Q4_K and Q6_K: ``codes_dot``) for a decode batch: compiled for sm_90, 64 weight rows with
-    8 warps take 170 registers and 8 KiB of shared memory, 32 rows with 4 warps 254 and 4 KiB, without spills."""
+    """Code-dot launches (fp32 x, Q4_K and Q6_K: ``codes_dot``) for a decode batch: compiled for sm_90, 64 weight
+    rows with 8 warps take 170 (Q4_K) and 108 (Q6_K) registers and 8 KiB of shared memory, 32 rows with 4 warps 254
+    and 155 and 4 KiB, without spills."""
     from orcd_quant_formats.kernels import matmul
 
     bm = max(16, _pow2(m))
@@ -264,7 +265,8 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
         grid += batch_decode_grid(m)
     if 1 < m <= tuning.TABLE_MAX_ROWS:
         grid += batch_dot_grid(m)
-        if fmt.ggml_type in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K) and dtype == torch.float32:
+        codes_types = (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K)
+        if fmt.ggml_type in codes_types and dtype == torch.float32:
             grid += codes_grid(m)
     elif m > 1:
         grid += [matmul.Config(bm=bm, bn=bn, dot=True, nb=nb, warps=warps)

@@ -6,12 +6,12 @@ TF32 part of each (three products a term). Compiled for sm_90, its 32-row Q4_K l
 112 KiB of shared memory a program, and on an H100 a 32-stream decode step's matmuls ran at about 0.2 TB/s
 (``docs/architecture.md``). Here a sub-block's ``sum_i w_i x_i`` is taken apart as llama.cpp's quantized matmuls
 do: ``sum_i ((d sc) q_i - dmin m) x_i = (d sc) sum_i q_i x_i - (dmin m) sum_i x_i`` (Q6_K: ``d sc`` per 16 values,
-no min). The codes (Q4_K 0..15, Q6_K -32..31) are exact in fp16, so the dot multiplies them as fp16 by x cut into two fp16 parts, after scaling each (row, sub-block)
-of x by a power of two that puts its largest value near 2**14 (no overflow, no subnormal low parts); the scale and
-min of the sub-block are applied to the dot's fp32 result. x is scaled and cut once per call (``split_x``, as
-llama.cpp quantizes x to q8_1 once), not once per weight tile. Every product is exact and x keeps 22 of its 24 bits
-(relative to its sub-block's largest value), so the result is within fp32 rounding of the reference
-dequantize-then-matmul.
+no min). The codes (Q4_K 0..15, Q6_K -32..31) are exact in fp16, so the dot multiplies them as fp16 by x cut into
+two fp16 parts, after scaling each (row, 32 values) of x by a power of two that puts its largest value near 2**14
+(no overflow, no subnormal low parts); the scale (and min) of the sub-block are applied to the dot's fp32 result.
+x is scaled and cut once per call (``split_x``, as llama.cpp quantizes x to q8_1 once), not once per weight tile.
+Every product is exact and x keeps 22 of its 24 bits (relative to its sub-block's largest value), so the result is
+within fp32 rounding of the reference dequantize-then-matmul.
 
 Not yet timed on a GPU: ``Config(codes=True)`` selects it (a tuning-table entry or a sweep), never the rule.
 """

@@ -212,9 +212,9 @@ class Config:
     blocks; K-quants: 64 values, 128 for Q6_K under tl.dot) per iteration; ``dot``: the tl.dot kernel, else the
     decode kernel (``bm`` <= ``DECODE_MAX_ROWS``), whose units are cut into ``parts`` (one lane each; ``nb`` then
     counts parts).
-    ``split``: chunks of K (0: chosen from the grid size). ``codes``: for fp32 x and Q4_K or Q6_K, the tensor-core dot on
-    the blocks' integer codes (``codes_dot``; ``nb``, ``split`` and ``parts`` unused), only where a table or a
-    sweep asks for it."""
+    ``split``: chunks of K (0: chosen from the grid size). ``codes``: for fp32 x and Q4_K or Q6_K, the tensor-core
+    dot on the blocks' integer codes (``codes_dot``; ``nb``, ``split`` and ``parts`` unused), only where a table or
+    a sweep asks for it."""
 
     bm: int
     bn: int
