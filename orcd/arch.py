@@ -42,6 +42,11 @@ class ModelConfig(BaseModel):
         n_ctx = self.context_length if n_ctx is None else n_ctx
         return 2 * self.block_count * self.head_count_kv * self.head_dim * n_ctx * bytes_per_element
 
+    def kv_read_bytes(self, n_ctx: int, bytes_per_element: int = 2) -> int:
+        """Bytes of K and V one decode step of a sequence at ``n_ctx`` tokens reads: all of its cache here; a
+        config whose layers attend over less (a sliding window) says so by overriding this."""
+        return self.kv_cache_bytes(n_ctx, bytes_per_element)
+
 
 class CausalLM(torch.nn.Module):
     """The module an architecture builds. The engine owns the KV cache and calls ``forward(batch: ForwardBatch,

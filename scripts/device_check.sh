@@ -34,6 +34,22 @@ for step in "$@"; do
         tests/test_server_gpu.py "tests/test_kernels.py::test_fitted_dot_launches_compile_within_h100_shared_memory" \
         > "$OUT/gpu-tests-fast.log" 2>&1
       tail -n 25 "$OUT/gpu-tests-fast.log" ;;
+    tests-par)  # the GPU tests in several processes at once, so cold Triton compiles (one process compiles one
+      # kernel at a time) overlap; they share the cache. One group per process (TEST_GROUPS, ';'-separated), each
+      # bounded by STEP_TIMEOUT, with its own -v log: a group that a limit stops still names what passed.
+      groups=${TEST_GROUPS:-"tests/test_engine.py;tests/test_gpt_oss_gpu.py;tests/test_cuda_graphs.py tests/test_decode_attention.py tests/test_fusion.py;tests/test_device.py tests/test_server_gpu.py tests/test_prefill_attention.py tests/test_moe_kernels.py;tests/test_kernels.py tests/test_norm_kernels.py tests/test_rotary_kernels.py tests/test_quant_linear.py"}
+      [ -d /tmp/llama-site ] && export PYTHONPATH=$PYTHONPATH:/tmp/llama-site
+      IFS=';' read -ra parts <<< "$groups"; pids=()
+      for i in "${!parts[@]}"; do
+        timeout "${STEP_TIMEOUT:-420}" python3 -m pytest -v -m gpu -p no:cacheprovider -rf ${parts[$i]} \
+          > "$OUT/gpu-par-$i.log" 2>&1 & pids+=($!)
+      done
+      for i in "${!parts[@]}"; do
+        wait "${pids[$i]}"; rc=$?
+        echo "group $i (${parts[$i]}): exit $rc, $(grep -c ' PASSED' "$OUT/gpu-par-$i.log") passed," \
+          "$(grep -c ' FAILED' "$OUT/gpu-par-$i.log") failed, $(grep -c ' SKIPPED' "$OUT/gpu-par-$i.log") skipped"
+        grep -E '^(FAILED|ERROR) ' "$OUT/gpu-par-$i.log" | head -n 10
+      done ;;
     bench-dequant)
       python3 -m orcd.bench.dequant --device cuda --no-gguf 2>&1 | tee "$OUT/bench-dequant.txt" ;;
     synth-*)  # synth-ARCH:PRESET:TYPE
@@ -49,10 +65,11 @@ for step in "$@"; do
         CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip install --no-build-isolation --no-deps --no-index --target /tmp/site . \
         > "$OUT/llama-build.log" 2>&1) || tail -n 20 "$OUT/llama-build.log"
       python3 -c 'import llama_cpp; print("llama_cpp", llama_cpp.__version__)' ;;
-    build-llama-bg)  # the same build in the background on cores 2-15 (run this script under taskset -c 0,1), so
+    build-llama-bg)  # the same build in the background on cores BUILD_CPUS (default 2-15; run this script under
+      # taskset -c on the others), so
       # the steps after it measure while it compiles; wait-llama waits for it and puts it on PYTHONPATH
       repo=$PWD
-      setsid nohup taskset -c 2-15 bash -c "cd /tmp && tar xzf '$repo/.peer/llama-cpp-python-trim.tar.gz' && \
+      setsid nohup taskset -c "${BUILD_CPUS:-2-15}" bash -c "cd /tmp && tar xzf '$repo/.peer/llama-cpp-python-trim.tar.gz' && \
         cd llama_cpp_python-* && python3 -m pip install -q --no-index --no-deps --target /tmp/llama-site \
         '$repo'/.peer/diskcache-*.whl && CMAKE_ARGS='-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF' CMAKE_BUILD_PARALLEL_LEVEL=14 python3 -m pip install \

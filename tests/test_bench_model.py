@@ -122,3 +122,60 @@ def test_bench_profile_of_a_prompt_pass(synth_model) -> None:
     names = {op.name for op in prof.host_ops}
     assert "aten::mm" in names or "aten::matmul" in names or "aten::linear" in names, names
     assert "a 20-token prompt pass in" in bench_profile.format_profile(prof, str(path))
+
+
+def test_expert_share_of_a_step() -> None:
+    """One token reads exactly its experts' share; more tokens read more of the experts, never more than all."""
+    assert bench_model.expert_share(32, 4, 1) == 4 / 32
+    assert bench_model.expert_share(32, 4, 2) == pytest.approx(1 - (28 / 32) ** 2)
+    shares = [bench_model.expert_share(32, 4, n) for n in (1, 8, 32, 256)]
+    assert shares == sorted(shares) and shares[-1] < 1.0
+    assert bench_model.expert_share(32, 4, 32) == pytest.approx(0.986, abs=1e-3)
+
+
+def test_bytes_per_step_of_many_streams(synth_model) -> None:
+    """N streams read the dense weights once, N embedding rows, the selected experts' expected share and N KV
+    caches; a sliding-window layer's cache only within its window."""
+    from orcd.description import open_checked
+    from orcd.plugins import get_plugin_manager
+
+    path = synth_model("gpt-oss", "MXFP4")
+    model, config = open_checked(path, get_plugin_manager())
+    tensors = model.tensors
+    embedding = tensors["token_embd.weight"]
+    experts = sum(t.n_bytes for t in tensors.values() if "_exps" in t.name)
+    dense = sum(t.n_bytes for t in tensors.values() if "_exps" not in t.name) - embedding.n_bytes
+    row = embedding.n_bytes // embedding.shape[0]
+    share = bench_model.expert_share(config.expert_count, config.expert_used_count, 3)
+    got = bench_model.bytes_per_step(str(path), 64, 3)
+    # the expert tensors' shares are rounded one by one
+    expected = dense + 3 * row + experts * share + 3 * config.kv_read_bytes(64)
+    assert abs(got - expected) <= len([t for t in tensors.values() if "_exps" in t.name]), (got, expected)
+    assert got > bench_model.bytes_per_step(str(path), 64, 1)
+
+    window = config.sliding_window
+    assert any(config.is_sliding(i) for i in range(config.block_count))
+    assert config.kv_read_bytes(window) == config.kv_cache_bytes(window)  # the window holds the whole context
+    full_layers = sum(not config.is_sliding(i) for i in range(config.block_count))
+    per_layer_token = config.kv_cache_bytes(1) // config.block_count
+    assert config.kv_read_bytes(window + 100) == config.kv_cache_bytes(window) + full_layers * 100 * per_layer_token
+
+
+def test_table_gives_the_share_of_each_bandwidth_limit(synth_model) -> None:
+    """With limits (measured on CUDA; here a copy bandwidth given), the table says the share of each that orcd's
+    batch-1 and stream rows reached, from the figures in the rows."""
+    path = str(synth_model("qwen2", "Q8_0"))
+    rows = [bench_model.ModelResult("orcd", "cuda", 24, 6, 1.0, 0.01, 2400.0, 100.0, None, None),
+            bench_model.ModelResult("orcd x4", "cuda", 24, 6, 1.0, 0.02, 4800.0, 300.0, None, None)]
+    limits = bench_model.bandwidth_limits(path, 27, [1, 4], copy_gbps=1.0)
+    assert limits[4].bytes_per_step > limits[1].bytes_per_step  # four KV caches
+    table = bench_model.format_table(rows, path, limits)
+    for engine, n, rate in (("batch 1", 1, 100.0), ("4 streams", 4, 300.0)):
+        m = re.search(rf"bandwidth limit, {engine}: ([\d.]+) MiB read per step / 1 GB/s = (\d+) tok/s"
+                      rf"(?: \(([\d.]+)x batch 1's\))?; "
+                      rf"orcd reaches ([\d.]+)%", table)
+        assert m, table
+        assert float(m.group(2)) == pytest.approx(limits[n].tok_s, abs=0.5)
+        assert float(m.group(4)) == pytest.approx(100 * rate / limits[n].tok_s, abs=0.05)
+        if n > 1:
+            assert float(m.group(3)) == pytest.approx(limits[n].tok_s / limits[1].tok_s, abs=0.05)

@@ -9,9 +9,10 @@ engine greedily with end-of-generation tokens disabled so exactly ``--decode-tok
 evaluates the prompt, then one token at a time the same number of times (the token fed does not change the work).
 Decode tokens/s counts the tokens after the first (the first comes out of the prompt pass), as llama.cpp does.
 With ``--streams N`` (N > 1) orcd runs N requests at once through the engine's batched step and reports the
-aggregate decode tokens/s from the moment every stream has its first token to the end. The bandwidth limit is
-the device's copy bandwidth over the bytes one decode step must read (the weights a token touches — for a
-mixture of experts only the experts it selects — plus its KV cache).
+aggregate decode tokens/s from the moment every stream has its first token to the end. The bandwidth limit of N
+streams is N tokens over the time the device's copy bandwidth takes to read the bytes one decode step of them must
+read: the weights they touch, once — for a mixture of experts only the experts they select, at N > 1 the share
+that uniform routing would select (``expert_share``) — plus each stream's KV cache (a sliding window's part of it).
 """
 
 from __future__ import annotations
@@ -149,10 +150,21 @@ EMBEDDING = "token_embd.weight"
 OUTPUT = "output.weight"
 
 
-def bytes_per_token(path: str, context_tokens: int) -> int:
-    """Bytes one decode step reads: every weight a token uses + its KV cache. Of the expert tensors, the selected
-    share; of the token embedding, one row, unless the output head is tied to it (no ``output.weight``), when the
-    head reads all of it."""
+def expert_share(total: int, used: int, streams: int) -> float:
+    """The expected share of a layer's experts that ``streams`` tokens select together, each token ``used`` distinct
+    experts of ``total``, uniformly and independently: an expert is left out by all with chance
+    ``(1 - used / total) ** streams``. A real router is not uniform (a skewed one selects fewer); at one stream this is
+    exactly ``used / total``."""
+    if streams == 1:
+        return used / total
+    return 1.0 - (1.0 - used / total) ** streams
+
+
+def bytes_per_step(path: str, context_tokens: int, streams: int = 1) -> int:
+    """Bytes one decode step of ``streams`` sequences, each ``context_tokens`` long, must read: every weight they use,
+    once, and each one's KV cache. Of the expert tensors, the share the step's tokens select (``expert_share``); of
+    the token embedding, one row a stream, unless the output head is tied to it (no ``output.weight``), when the head
+    reads all of it."""
     from orcd.description import open_checked
     from orcd.plugins import get_plugin_manager
 
@@ -162,13 +174,33 @@ def bytes_per_token(path: str, context_tokens: int) -> int:
     weights = 0
     for t in model.tensors.values():
         expert = total and len(t.shape) >= 2 and t.shape[0] == total and "_exps" in t.name
-        if expert:
-            weights += t.n_bytes * used // total
+        if expert and streams == 1:
+            weights += t.n_bytes * used // total  # exact: an expert tensor is total equal slices
+        elif expert:
+            weights += round(t.n_bytes * expert_share(total, used, streams))
         elif t.name == EMBEDDING and OUTPUT in model.tensors:
-            weights += t.n_bytes // t.shape[0]  # the token's row
+            weights += min(streams, t.shape[0]) * (t.n_bytes // t.shape[0])  # the tokens' rows
         else:
             weights += t.n_bytes
-    return weights + config.kv_cache_bytes(context_tokens)
+    return weights + streams * config.kv_read_bytes(context_tokens)
+
+
+def bytes_per_token(path: str, context_tokens: int) -> int:
+    """Bytes one batch-1 decode step reads (``bytes_per_step`` of one stream)."""
+    return bytes_per_step(path, context_tokens, 1)
+
+
+@dataclass
+class BandwidthLimit:
+    """The decode rate at which ``streams`` sequences would read ``bytes_per_step`` at the device's copy bandwidth."""
+
+    streams: int
+    bytes_per_step: int
+    copy_gbps: float
+
+    @property
+    def tok_s(self) -> float:
+        return self.streams * self.copy_gbps * 1e9 / self.bytes_per_step
 
 
 def bench_transformers(path: str, device: str, prompt_tokens: int, decode_tokens: int, prompt: list[int]) -> ModelResult:
@@ -224,7 +256,10 @@ def bench_llama_cpp(path: str, device: str, prompt_tokens: int, decode_tokens: i
     return ModelResult(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def format_table(results: list[ModelResult], path: str, limit: tuple[float, float, int] | None = None) -> str:
+def format_table(results: list[ModelResult], path: str, limits: dict[int, BandwidthLimit] | None = None) -> str:
+    """One row per engine and stream count; then orcd's ratios (streams against batch 1, orcd against each peer)
+    and, where ``limits`` gives the bandwidth limit of a stream count, the share of it orcd reached."""
+    limits = limits or {}
     head = f"{'engine':<12} {'device':<7} {'load s':>7} {'TTFT ms':>8} {'prompt tok/s':>13} {'decode tok/s':>13} {'memory MiB':>11} {'peak MiB':>9}"
     rows = [f"model {path}", head]
     for r in results:
@@ -239,11 +274,27 @@ def format_table(results: list[ModelResult], path: str, limit: tuple[float, floa
             continue
         rows.append(f"orcd / {r.engine} on {r.device}: decode {base.decode_tok_s / r.decode_tok_s:.2f}x, "
                     f"prompt {base.prompt_tok_s / r.prompt_tok_s:.2f}x")
-    if limit is not None:
-        bandwidth, tok_s, per_token = limit
-        rows.append(f"bandwidth limit, batch 1: {per_token / 2**20:.1f} MiB read per token / {bandwidth:.0f} GB/s = "
-                    f"{tok_s:.0f} tok/s; orcd reaches {100 * base.decode_tok_s / tok_s:.1f}%")
+    reached = {_streams(r.engine): r.decode_tok_s for r in results if r.engine.startswith("orcd")}
+    for n, limit in sorted(limits.items()):
+        line = (f"bandwidth limit, {'batch 1' if n == 1 else f'{n} streams'}: "
+                f"{limit.bytes_per_step / 2**20:.1f} MiB read per step / {limit.copy_gbps:.0f} GB/s = "
+                f"{limit.tok_s:.0f} tok/s")
+        if n > 1 and 1 in limits:  # what N streams could gain over batch 1 at the same share of the bandwidth
+            line += f" ({limit.tok_s / limits[1].tok_s:.1f}x batch 1's)"
+        if n in reached:
+            line += f"; orcd reaches {100 * reached[n] / limit.tok_s:.1f}%"
+        rows.append(line)
     return "\n".join(rows)
+
+
+def _streams(engine: str) -> int:
+    """1 for ``orcd``, N for ``orcd xN``."""
+    return int(engine.split(" x")[1]) if " x" in engine else 1
+
+
+def bandwidth_limits(path: str, context_tokens: int, streams: list[int], copy_gbps: float) -> dict[int, BandwidthLimit]:
+    """The bandwidth limit of each stream count, every sequence ``context_tokens`` long."""
+    return {n: BandwidthLimit(n, bytes_per_step(path, context_tokens, n), copy_gbps) for n in streams}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -283,15 +334,17 @@ def run_args(args: argparse.Namespace) -> int:
         except Exception as e:  # a failed stream run is a finding to print, not a reason to lose the peers' figures
             print(f"orcd x{n} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                   file=sys.stderr, flush=True)
-    limit = None
+    limits: dict[int, BandwidthLimit] = {}
     if args.device.startswith("cuda"):
         from orcd.bench.dequant import copy_bandwidth
 
-        bandwidth = copy_bandwidth(torch.device(args.device))
-        per_token = bytes_per_token(args.model, args.prompt_tokens + args.decode_tokens // 2)
-        limit = (bandwidth, bandwidth * 1e9 / per_token, per_token)
-        print(f"bandwidth limit: {per_token / 2**20:.1f} MiB per token / {bandwidth:.0f} GB/s = "
-              f"{limit[1]:.0f} tok/s", file=sys.stderr, flush=True)
+        counts = sorted({1} | {int(x) for x in args.streams.split(",") if int(x) > 1})
+        # a step's sequences are half-way through their decode tokens on average
+        limits = bandwidth_limits(args.model, args.prompt_tokens + args.decode_tokens // 2, counts,
+                                  copy_bandwidth(torch.device(args.device)))
+        for n, limit in limits.items():
+            print(f"bandwidth limit at {n} stream(s): {limit.bytes_per_step / 2**20:.1f} MiB per step / "
+                  f"{limit.copy_gbps:.0f} GB/s = {limit.tok_s:.0f} tok/s", file=sys.stderr, flush=True)
     peers = [p for p in args.peer.split(",") if p and p != "none"]
     if peers:
         from orcd.modelfile import ModelFile
@@ -315,10 +368,10 @@ def run_args(args: argparse.Namespace) -> int:
             print(f"{peer} failed on this file: {type(e).__name__}: {e}", file=sys.stderr)
     if args.json:
         print(json.dumps({"results": [asdict(r) for r in results],
-                          "bandwidth_limit": None if limit is None else
-                          {"copy_gbps": limit[0], "tok_s": limit[1], "bytes_per_token": limit[2]}}, indent=1))
+                          "bandwidth_limits": [{**asdict(limit), "tok_s": limit.tok_s}
+                                               for limit in limits.values()]}, indent=1))
     else:
-        print(format_table(results, args.model, limit))
+        print(format_table(results, args.model, limits))
     return 0
 
 

@@ -53,6 +53,12 @@ class GptOssConfig(ModelConfig):
         p = self.sliding_window_pattern
         return p == 0 or layer % p < p - 1
 
+    def kv_read_bytes(self, n_ctx: int, bytes_per_element: int = 2) -> int:
+        """A sliding-window layer's decode step reads only the window's keys and values (``decode_attention``)."""
+        per_layer_token = 2 * self.head_count_kv * self.head_dim * bytes_per_element
+        read = sum(min(n_ctx, self.sliding_window) if self.is_sliding(i) else n_ctx for i in range(self.block_count))
+        return per_layer_token * read
+
     def rope_scaling(self) -> RopeScaling:
         if self.rope_scaling_type != "yarn":
             return RopeScaling()
