@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -24,6 +25,44 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (the kernels' development tests)")
 interpreter_only = pytest.mark.skipif(
     not (HAS_TRITON and INTERPRETED), reason="interpreter tests: CPU machines, or TRITON_INTERPRET=1")
+
+
+# The model-level reference tests run twice where Triton is installed and no GPU is: on the reference path, and on
+# the CUDA fast path's kernels (fused quantized matmuls and experts, stacked projections, norms, rotary, paged decode
+# attention) run on CPU tensors in Triton's interpreter. The compiled kernels' own run is the GPU suite's.
+KERNEL_PATHS = ["reference", pytest.param("interpreted-kernels", marks=interpreter_only)]
+
+
+@dataclass
+class KernelCalls:
+    """How many projections the quant plugin's fused kernels computed (``QuantFormat.linear`` and ``expert_linear``
+    calls that did not fall back to the reference path)."""
+
+    linear: int = 0
+    experts: int = 0
+
+    def took(self, path: str) -> bool:
+        """The calls agree with ``path``: some kernels on the kernels' path, none on the reference path."""
+        used = self.linear > 0 or self.experts > 0
+        return used == (path == "interpreted-kernels")
+
+
+def take_path(monkeypatch: pytest.MonkeyPatch, path: str) -> KernelCalls:
+    """Switch the CPU model code onto ``path`` (one of ``KERNEL_PATHS``) and count the fused projections from here
+    on; call it before the model is built, since projections are stacked for the kernels at build time."""
+    import orcd_quant_formats.kernels as quant_kernels
+
+    monkeypatch.setenv("ORCD_INTERPRET_KERNELS", "1" if path == "interpreted-kernels" else "0")
+    calls = KernelCalls()
+    for name, field in (("fused_linear", "linear"), ("expert_linear", "experts")):
+        def counted(*args, _real=getattr(quant_kernels, name), _field=field, **kwargs):
+            out = _real(*args, **kwargs)
+            if out is not None:
+                setattr(calls, _field, getattr(calls, _field) + 1)
+            return out
+
+        monkeypatch.setattr(quant_kernels, name, counted)
+    return calls
 
 
 def gpu_test(fn):

@@ -15,6 +15,10 @@ Tolerances, and why:
 * greedy continuations: 32 tokens identical, for the F32 and the MXFP4 file; the smallest top-1/top-2 margin on
   the MXFP4 path is 0.27, several times the rounding noise above (the continuation cycles through 3 tokens).
 
+Where Triton is installed and there is no GPU, the transformers comparison and the MXFP4 greedy test run a second
+time on the CUDA fast path's kernels in Triton's interpreter (``kernel_support.KERNEL_PATHS``), with the same bounds
+(the greedy test for 4 tokens there: a decode step takes about 40 s in the interpreter).
+
 YaRN: llama.cpp rounds the correction range to whole pairs, transformers (and OpenAI's reference) do not; each
 comparison builds our module with the reference's choice (``rope_yarn_truncate``).
 """
@@ -35,6 +39,7 @@ from orcd.nn import ForwardBatch
 from orcd.sampling import SamplingParams
 
 from conftest import require_reference
+from kernel_support import interpreter_only, take_path
 from llama_greedy import greedy_tokens, open_llama
 
 pytestmark = pytest.mark.reference
@@ -112,8 +117,11 @@ def _transformers_model(path, config, truncate: bool):
     return hf
 
 
-@pytest.mark.parametrize("truncate", [False, True], ids=["yarn-exact", "yarn-rounded"])
-def test_logits_match_transformers(synth_model, plugins, truncate: bool) -> None:
+@pytest.mark.parametrize("truncate,kernel_path", [
+    pytest.param(False, "reference", id="yarn-exact"), pytest.param(True, "reference", id="yarn-rounded"),
+    pytest.param(False, "interpreted-kernels", marks=interpreter_only, id="yarn-exact-interpreted-kernels")])
+def test_logits_match_transformers(synth_model, plugins, truncate: bool, kernel_path: str, monkeypatch) -> None:
+    calls = take_path(monkeypatch, kernel_path)
     path = synth_model("gpt-oss", "MXFP4")
     ours, config = _build(path, plugins, truncate)
     hf = _transformers_model(path, config, truncate)
@@ -125,6 +133,7 @@ def test_logits_match_transformers(synth_model, plugins, truncate: bool) -> None
     diff = (got - expected).abs()
     assert diff.max() < 1e-4, f"max |ours - transformers| = {diff.max():.2e}"
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert calls.took(kernel_path), calls
 
 
 # --- llama.cpp ------------------------------------------------------------------------------------------------------
@@ -177,14 +186,20 @@ def _greedy_engine(path, plugins, prompt: list[int], n: int) -> list[int]:
     return [e.token_id for e in events if isinstance(e, TokenEvent)]
 
 
-@pytest.mark.parametrize("file_type", ["F32", "MXFP4"])
-def test_greedy_continuation_equals_llama_cpp(synth_model, plugins, file_type: str) -> None:
+@pytest.mark.parametrize("file_type,kernel_path", [("F32", "reference"), ("MXFP4", "reference"),
+                                                    pytest.param("MXFP4", "interpreted-kernels",
+                                                                 marks=interpreter_only)])
+def test_greedy_continuation_equals_llama_cpp(synth_model, plugins, file_type: str, kernel_path, monkeypatch) -> None:
+    calls = take_path(monkeypatch, kernel_path)
     path = synth_model("gpt-oss", file_type)
     loaded = load_model(path, plugins=plugins)
     prompt = loaded.tokenizer.encode(PROMPT_TEXT, add_special=False)
     assert len(prompt) > 128  # decoding starts beyond the sliding window
-    expected = greedy_tokens(_llama(path, 512), prompt, 32)
-    assert _greedy_engine(path, plugins, prompt, 32) == expected
+    # on the kernels' path 4 tokens: a decode step of this model takes about 40 s in Triton's interpreter
+    n = 32 if kernel_path == "reference" else 4
+    expected = greedy_tokens(_llama(path, 512), prompt, n)
+    assert _greedy_engine(path, plugins, prompt, n) == expected
+    assert calls.took(kernel_path), calls
 
 
 def test_cached_decode_equals_full_forward_past_the_window(synth_model, plugins) -> None:

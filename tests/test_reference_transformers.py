@@ -6,6 +6,10 @@ from the quantization. Tolerance: 1e-4 absolute on logits of magnitude ~2. Both 
 differ only in summation order and rotary angle rounding; the measured differences are ~1e-6 for every file type
 (2 layers), so 1e-4 leaves two orders of magnitude while still catching any real mistake (a wrong rotary pair
 order, bias, factor or mask moves logits by 1e-2 or more).
+
+Where Triton is installed and there is no GPU, the prompt and decode comparisons run a second time on the CUDA fast
+path's kernels in Triton's interpreter (``kernel_support.KERNEL_PATHS``: fused quantized matmuls, stacked
+projections, norms, rotary, paged decode attention), with the same bound.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import pytest
 import torch
 
 from conftest import require_reference
+from kernel_support import KERNEL_PATHS, take_path
 from reference_llama import PROMPT_TEXT, greedy, hf_logits, hf_model, load, prompt_logits, random_prompt
 
 ATOL = 1e-4
@@ -27,9 +32,12 @@ def transformers():
 
 
 @pytest.mark.reference
+@pytest.mark.parametrize("kernel_path", KERNEL_PATHS)
 @pytest.mark.parametrize("file_type", FILE_TYPES)
 @pytest.mark.parametrize("arch,preset", MODELS)
-def test_prompt_logits_match_transformers(transformers, synth_model, plugins, arch, preset, file_type):
+def test_prompt_logits_match_transformers(transformers, synth_model, plugins, arch, preset, file_type, kernel_path,
+                                          monkeypatch):
+    calls = take_path(monkeypatch, kernel_path)
     path = synth_model(arch, file_type, preset)
     loaded = load(path, plugins)
     ids = loaded.tokenizer.encode(PROMPT_TEXT)
@@ -40,6 +48,7 @@ def test_prompt_logits_match_transformers(transformers, synth_model, plugins, ar
     assert ours.shape == ref.shape == (len(ids), loaded.config.vocab_size)
     diff = (ours - ref).abs().max().item()
     assert diff < ATOL, f"{path.name}: max |logit difference| {diff:.3g} (logits up to {ref.abs().max():.3g})"
+    assert calls.took(kernel_path) or file_type == "F32", calls  # F32 weights have no fused kernel
 
 
 @pytest.mark.reference
@@ -75,13 +84,19 @@ def test_phi3_sliding_window_matches_transformers(transformers, synth_model, plu
 
 
 @pytest.mark.reference
+@pytest.mark.parametrize("kernel_path", KERNEL_PATHS)
 @pytest.mark.parametrize("arch", ["qwen2", "phi3"])
-def test_decode_steps_match_transformers(transformers, synth_model, plugins, arch):
-    """One token at a time through the KV cache equals HF's full forward over the same tokens."""
+def test_decode_steps_match_transformers(transformers, synth_model, plugins, arch, kernel_path, monkeypatch):
+    """One token at a time through the KV cache equals HF's full forward over the same tokens. On the kernels' path
+    3 steps, not 12: in Triton's interpreter one decode step of these 2-layer models takes about 20 s (the decode
+    kernel's programs run one by one), and the tokens come from the reference path."""
+    calls = take_path(monkeypatch, kernel_path)
     path = synth_model(arch, "Q4_K_M")
     loaded = load(path, plugins)
     prompt = random_prompt(loaded, seed=3, length=40)
-    generated, _ = greedy(loaded, prompt, 12, n_ctx=128)
+    with monkeypatch.context() as reference:
+        reference.setenv("ORCD_KERNELS", "0")
+        generated, _ = greedy(loaded, prompt, 12 if kernel_path == "reference" else 3, n_ctx=128)
     ids = prompt + generated
     ref = hf_logits(hf_model(transformers, path, loaded.config), ids)
     assert ref[len(prompt) - 1 : -1].argmax(-1).tolist() == generated
@@ -94,3 +109,4 @@ def test_decode_steps_match_transformers(transformers, synth_model, plugins, arc
     for pos in range(len(prompt) - 1, len(ids) - 1):
         step = loaded.module(ForwardBatch(torch.tensor([[ids[pos]]]), torch.tensor([[pos]]), cache, [0]))[0]
         assert (step - ref[pos]).abs().max().item() < ATOL, f"position {pos}"
+    assert calls.took(kernel_path), calls

@@ -4,8 +4,8 @@ step then launches one fused dequantize-matmul where it launched three or two; e
 dot product, so the results are those of the separate projections.
 
 Stacking needs one format for all parts (a Q4_K_M file may store V as Q6_K while Q and K are Q4_K: those stay
-separate) and is done only on CUDA, where launches are what a decode step waits for; on the CPU the tensors stay
-as the file has them.
+separate) and is done only on CUDA, where launches are what a decode step waits for (and on the CPU where the
+kernel tests run the CUDA path in Triton's interpreter); elsewhere on the CPU the tensors stay as the file has them.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import torch
 
 from orcd.nn.attention import FusedQKV, SeparateQKV
 from orcd.nn.mlp import SwiGLU
+from orcd.nn.triton_support import interpreted
 from orcd.quant import QuantizedLinear, stack_linears
 
 
 def stacks_on(device: torch.device | str) -> bool:
-    return torch.device(device).type == "cuda"
+    kind = torch.device(device).type
+    return kind == "cuda" or (kind == "cpu" and interpreted())
 
 
 def qkv_projection(prefix: str, q: QuantizedLinear, k: QuantizedLinear, v: QuantizedLinear,

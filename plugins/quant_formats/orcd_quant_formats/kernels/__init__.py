@@ -1,6 +1,7 @@
 """Fused dequantize-matmul kernels (Triton) behind ``QuantFormat.linear``, and the mixture-of-experts projection.
 
-They run only where they can: ``x`` on a CUDA device, Triton importable, a format with a tile function
+They run only where they can: ``x`` on a CUDA device (or on the CPU in Triton's interpreter, where the kernel tests
+ask for it: ``orcd.nn.triton_support.interpreted``), Triton importable, a format with a tile function
 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, MXFP4), fp16/bf16/fp32 ``x``. A linear with many rows of ``x`` (a
 prompt: ``dequant.MIN_ROWS`` or more) decodes its weights into a bounded scratch tile and multiplies with torch's GEMM
 (``dequant``); fewer rows run the fused kernels of ``matmul``. Everywhere else the functions here
@@ -17,6 +18,7 @@ from types import ModuleType
 
 import torch
 
+from orcd.nn.triton_support import interpreted
 from orcd.quant import QuantizedTensor
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -44,7 +46,8 @@ def _dequant() -> ModuleType:
 
 
 def _usable(x: torch.Tensor, weight: QuantizedTensor) -> ModuleType | None:
-    if not (x.is_cuda and kernels_enabled() and x.dtype in DTYPES and weight.device == x.device):
+    on_device = x.is_cuda or (x.device.type == "cpu" and interpreted())
+    if not (on_device and kernels_enabled() and x.dtype in DTYPES and weight.device == x.device):
         return None
     mod = _matmul()
     if mod is None or int(weight.fmt.ggml_type) not in mod.SPECS:
