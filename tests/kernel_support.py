@@ -4,7 +4,8 @@ first import of a kernel module, so the test modules import this first) and the 
 - ``interpreter_only``: CPU machines with Triton (the kernels run on CPU tensors in the interpreter; the tests set
   ``ORCD_INTERPRET_KERNELS=1`` so the modules take them there);
 - ``gpu_test``: compiled kernels on CUDA (``gpu``-marked, skipped without Triton, a GPU, or under the interpreter);
-- ``needs_triton``: anything else that needs Triton. CI installs no Triton: these tests skip there.
+- ``needs_triton``: anything else that needs Triton (the test extra installs it; without it these tests skip);
+- ``KERNEL_PATHS`` / ``take_path``: the model-level reference tests' second run, on the kernels in the interpreter.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ the oracle within ``||out - ref||_max / max(1, ||ref||_max)``:
   over fp16 values (a margin for the GPU's exp and reduction order).
 
 Padding rows must be finite; with one padding row they equal the oracle too. Without a GPU the kernels run in
-Triton's interpreter (``TRITON_INTERPRET=1`` set before they are imported); tests skip without Triton (CI).
+Triton's interpreter (``TRITON_INTERPRET=1`` set before they are imported); tests skip without Triton
+(CI installs it: the test extra).
 """
 
 from __future__ import annotations

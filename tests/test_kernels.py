@@ -10,7 +10,7 @@ Two kinds of check, for every format with a kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
   with 8 significant bits: ~1.3e-3 each).
 
 Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set here before they are imported)
-on tiny shapes; the tests skip when Triton is not installed (CI does not install it). The ``gpu``-marked tests run
+on tiny shapes; the tests skip when Triton is not installed (CI installs it: the test extra). The ``gpu``-marked tests run
 the compiled kernels on CUDA for M in {1, 4, 17, 512} and odd N and K (K a multiple of the block size, not of the
 kernel's step), with fresh random weights and inputs on every run (the seed is in the failure message); their
 oracle is orcd's reference path in float64 (``orcd.quant.reference_linear``), itself bit-exact with gguf.

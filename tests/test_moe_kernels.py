@@ -18,7 +18,7 @@ Tolerances and why:
 - Weighted sum: fp32 1e-6 (both sum in slot order, but the kernel may fuse multiply-adds); fp16 output 1e-3.
 
 Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set here before they are imported);
-the tests skip when Triton is not installed (CI does not install it). ``gpu``-marked tests run the compiled
+the tests skip when Triton is not installed (CI installs it: the test extra). ``gpu``-marked tests run the compiled
 kernels on CUDA, including the router captured in a CUDA graph and replayed many times on new tokens.
 """
 

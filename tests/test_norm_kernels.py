@@ -8,7 +8,7 @@ The oracle is the torch code the modules fall back to (``ORCD_KERNELS=0``). Tole
   also rounds ``silu(g)`` to fp16 before the product, so results may differ by an fp16 ulp (~1e-3 relative).
 
 Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set here before they are imported);
-the tests skip when Triton is not installed (CI does not install it). The ``gpu``-marked tests run the compiled
+the tests skip when Triton is not installed (CI installs it: the test extra). The ``gpu``-marked tests run the compiled
 kernels on CUDA over the same shapes plus the model widths.
 """
 

@@ -17,7 +17,7 @@ Checks: the pools hold exactly what ``update`` leaves there; outputs match the o
   GPU without sinks the oracle itself is SDPA in fp16, which rounds the same way.
 
 Without a GPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1`` set before it is imported); tests
-skip without Triton (CI).
+skip without Triton (CI installs it: the test extra).
 """
 
 from __future__ import annotations

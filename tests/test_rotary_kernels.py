@@ -13,7 +13,7 @@ interpreter truncates, so there it is checked to one bf16 ulp (rtol 2**-7).
 
 Without a GPU the kernel runs in the interpreter (``TRITON_INTERPRET=1``, set here before it is imported, and
 ``ORCD_INTERPRET_KERNELS=1``, set per test, so other CPU tests keep the torch path); the tests
-skip when Triton is not installed (CI). The ``gpu``-marked tests run the compiled kernel on CUDA, including a CUDA
+skip when Triton is not installed (CI installs it: the test extra). The ``gpu``-marked tests run the compiled kernel on CUDA, including a CUDA
 graph capture and replay.
 """
 
