@@ -66,8 +66,8 @@ for step in "$@"; do
         > "$OUT/llama-build.log" 2>&1) || tail -n 20 "$OUT/llama-build.log"
       python3 -c 'import llama_cpp; print("llama_cpp", llama_cpp.__version__)' ;;
     build-llama-bg)  # the same build in the background on cores BUILD_CPUS (default 2-15; run this script under
-      # taskset -c on the others), so
-      # the steps after it measure while it compiles; wait-llama waits for it and puts it on PYTHONPATH
+      # taskset -c on the others), so the steps after it measure while it compiles; wait-llama waits for it and
+      # puts it on PYTHONPATH
       repo=$PWD
       setsid nohup taskset -c "${BUILD_CPUS:-2-15}" bash -c "cd /tmp && tar xzf '$repo/.peer/llama-cpp-python-trim.tar.gz' && \
         cd llama_cpp_python-* && python3 -m pip install -q --no-index --no-deps --target /tmp/llama-site \
