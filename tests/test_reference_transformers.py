@@ -9,7 +9,8 @@ order, bias, factor or mask moves logits by 1e-2 or more).
 
 Where Triton is installed and there is no GPU, the prompt and decode comparisons run a second time on the CUDA fast
 path's kernels in Triton's interpreter (``kernel_support.KERNEL_PATHS``: fused quantized matmuls, stacked
-projections, norms, rotary, paged decode attention), with the same bound.
+projections, norms, rotary; the cache here is the contiguous one, so the paged decode attention is the engine
+tests'), with the same bound.
 """
 
 from __future__ import annotations
