@@ -51,6 +51,22 @@ def parse_device(spec: str | int | torch.device | None) -> torch.device:
     return torch.device("cuda", index)
 
 
+# torch's float32 matmul precisions (``torch.set_float32_matmul_precision``): the products of fp32 matmuls, torch's
+# own (cuBLAS: a prompt's projections) and the fused quantized kernels' tl.dot (decode batches past a few streams)
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+MATMUL_PRECISION_HELP = ("products of the fp32 matmuls on a GPU: highest (about fp32; the default), high (TF32), "
+                         "medium (bf16 operands); torch's float32_matmul_precision")
+
+
+def set_matmul_precision(name: str) -> None:
+    """Set this process's fp32 matmul precision (one of ``MATMUL_PRECISIONS``) before a model's kernels compile or
+    its decode graphs are captured: a captured graph keeps the kernels it was captured with."""
+    if name not in MATMUL_PRECISIONS:
+        raise InvalidRequest(f"matmul precision {name!r} is not one of {', '.join(MATMUL_PRECISIONS)}",
+                             field="matmul_precision")
+    torch.set_float32_matmul_precision(name)
+
+
 # --- memory: what is free, what a model needs, what is in use ---------------------------------------------------
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from orcd.bench.dequant import copy_bandwidth
+from orcd.device import MATMUL_PRECISION_HELP, MATMUL_PRECISIONS, set_matmul_precision
 from orcd.plugins import OrcdPluginManager, get_plugin_manager
 from orcd.quant import QuantFormat, QuantizedTensor, reference_linear
 
@@ -488,6 +489,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of --types/--shapes: the projections this GGUF model's decode step launches")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of launch configurations")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="highest", help=MATMUL_PRECISION_HELP)
     parser.add_argument("--tuning-out", metavar="FILE",
                         help="with --sweep: write the fastest decode launch of each shape as a kernel tuning table "
                              "(orcd_quant_formats/kernels/tuned/)")
@@ -501,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_args(args: argparse.Namespace) -> int:
     """Run from parsed arguments (``main`` and ``orcd bench kernels``)."""
+    set_matmul_precision(args.matmul_precision)
     def write_tuning(report: dict) -> None:
         from orcd_quant_formats.kernels import tuning
 

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from orcd.device import MATMUL_PRECISION_HELP, MATMUL_PRECISIONS, set_matmul_precision
+
 
 @dataclass
 class ModelResult:
@@ -261,7 +263,7 @@ def format_table(results: list[ModelResult], path: str, limits: dict[int, Bandwi
     and, where ``limits`` gives the bandwidth limit of a stream count, the share of it orcd reached."""
     limits = limits or {}
     head = f"{'engine':<12} {'device':<7} {'load s':>7} {'TTFT ms':>8} {'prompt tok/s':>13} {'decode tok/s':>13} {'memory MiB':>11} {'peak MiB':>9}"
-    rows = [f"model {path}", head]
+    rows = [f"model {path}; fp32 matmul precision {torch.get_float32_matmul_precision()}", head]
     for r in results:
         mem = f"{r.memory_bytes / 2**20:.0f}" if r.memory_bytes is not None else "-"
         peak = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes is not None else "-"
@@ -311,6 +313,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="peers measured in the same run: llama.cpp, transformers, both comma-separated, or none")
     p.add_argument("--peer-device", default=None, help="llama.cpp's device (default: the same as orcd's)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="highest", help=MATMUL_PRECISION_HELP)
 
 
 def _measured(results: list[ModelResult], result: ModelResult) -> None:
@@ -322,6 +325,7 @@ def _measured(results: list[ModelResult], result: ModelResult) -> None:
 
 
 def run_args(args: argparse.Namespace) -> int:
+    set_matmul_precision(args.matmul_precision)
     results: list[ModelResult] = []
     _measured(results, bench_orcd(args.model, args.device, args.prompt_tokens, args.decode_tokens, args.repeat,
                                   args.graphs, args.overlap))

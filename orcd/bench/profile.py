@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from orcd.device import MATMUL_PRECISION_HELP, MATMUL_PRECISIONS, set_matmul_precision
+
 
 @dataclass
 class KernelRow:
@@ -160,9 +162,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", dest="graphs", action="store_false", help="decode eagerly on CUDA")
     p.add_argument("--no-overlap", dest="overlap", action="store_false", help="no step ahead (Engine(overlap=False))")
     p.add_argument("--prefill", action="store_true", help="profile one prompt pass instead of decode steps")
+    p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="highest", help=MATMUL_PRECISION_HELP)
 
 
 def run_args(args: argparse.Namespace) -> int:
+    set_matmul_precision(args.matmul_precision)
     if args.steps < 1 or args.streams < 1:
         raise SystemExit("--steps and --streams must be at least 1")
     if args.prefill:

@@ -13,6 +13,8 @@ import uuid
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from orcd.device import MATMUL_PRECISION_HELP, MATMUL_PRECISIONS
+
     p = sub.add_parser("generate", help="generate text from a prompt")
     p.add_argument("--model", required=True, metavar="FILE", help="path to a .gguf model")
     p.add_argument("--tokenizer", metavar="PATH", default=None,
@@ -26,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the first GPU, else cpu)")
     p.add_argument("--n-ctx", type=int, default=None, metavar="N",
                    help="context to allocate (default: prompt + max tokens, at most the model's context)")
+    p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="highest", help=MATMUL_PRECISION_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming the text")
     p.add_argument("prompt", metavar="PROMPT")
     p.set_defaults(run=run)
@@ -44,6 +47,7 @@ def prompt_ids(loaded, text: str, chat: bool) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from orcd.device import set_matmul_precision
     from orcd.engine import Engine, FinishEvent, GenerationRequest
     from orcd.errors import InvalidRequest
     from orcd.loader import load_model
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as e:
         raise InvalidRequest(f"invalid sampling option: {e}") from None
+    set_matmul_precision(args.matmul_precision)
     plugins = get_plugin_manager()
     loaded = load_model(args.model, device=args.device, plugins=plugins, tokenizer_path=args.tokenizer,
                         progress=lambda pct, msg: print(f"[{pct:3d}%] {msg}", file=sys.stderr))

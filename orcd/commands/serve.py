@@ -36,6 +36,8 @@ DEFAULT_MODEL_NAME = "default-qwen2-tiny-Q8_0.gguf"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from orcd.device import MATMUL_PRECISION_HELP, MATMUL_PRECISIONS
+
     p = sub.add_parser("serve", help="serve one model over HTTP (worker API, OpenAI API, /metrics)")
     p.add_argument("--model", help="GGUF file to serve (default: the default model; see ORCD_DEFAULT_MODEL)")
     p.add_argument("--tokenizer", metavar="PATH", default=None,
@@ -65,6 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="skip compiling the kernels and capturing the decode graphs before serving (GPU only); "
                         "the first requests then wait for them")
+    p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default="highest", help=MATMUL_PRECISION_HELP)
     p.add_argument("--max-queue", type=int, default=16, help="jobs that may wait for the engine (default 16)")
     p.add_argument("--residency-check-sec", type=float, default=60.0,
                    help="how often to check the weights are still on the device (default 60; 0: never)")
@@ -239,6 +242,7 @@ def serve(args: argparse.Namespace, settings: dict[str, Any], plugins: Any = Non
     plugins = plugins or get_plugin_manager()
     device = settings["device"]
     sock: socket.socket = settings["socket"]
+    devmem.set_matmul_precision(getattr(args, "matmul_precision", "highest"))
     try:
         if args.model is None:
             path, synthetic = default_model(plugins)

@@ -8,8 +8,9 @@ launcher that picks between the two kernels.
   ``K`` ``NB`` units at a time; per step the format's tile function decodes the weights in registers (bit-exact
   with the reference dequantizer, then cast to ``x``'s dtype as the reference path casts its weights) in K's
   order, and ``tl.dot`` multiplies that tile (its left operand, straight from registers) by the x tile, with fp32
-  accumulation. fp32 ``x`` uses TF32 products where torch allows TF32 for its own matmuls and three TF32 products
-  per term (``tf32x3``, about fp32 accuracy) otherwise;
+  accumulation. For fp32 ``x`` the products follow torch's ``float32_matmul_precision``, as its own matmuls do:
+  ``highest`` (torch's default) three TF32 products per term (``tf32x3``, about fp32 accuracy), ``high`` one TF32
+  product, ``medium`` bf16 operands (weights and x rounded to bf16; ``_dot_precision``);
 - split-K: when the output alone gives too few programs to fill the device, ``K`` is cut into chunks whose fp32
   partial sums torch adds afterwards (deterministic, no atomics);
 - experts (``GROUPED``): ``x`` rows are (token, expert) pairs sorted by expert and cut into blocks of ``BM`` pairs of
@@ -115,7 +116,10 @@ def _dot_step(acc, b0, u_end, w_base, row_off, x_row_ptr, MAGIC, FMT: tl.constex
     units = tl.minimum(units, u_end - 1)
     base = w_base + row_off[:, None] + ((units // UNITS) * TYPE_SIZE)[None, :]
     magic = tl.where(units >= 0, MAGIC, 0)[None, :]  # a per-thread register (see common)
-    w = weight_tile(FMT, base, (units % UNITS)[None, :], magic, x_row_ptr.dtype.element_ty)
+    if X_F32 and PRECISION == "bf16":  # torch's "medium": the weights are decoded exactly, then rounded to bf16
+        w = weight_tile(FMT, base, (units % UNITS)[None, :], magic, tl.bfloat16)
+    else:
+        w = weight_tile(FMT, base, (units % UNITS)[None, :], magic, x_row_ptr.dtype.element_ty)
     kk = b0 * U + tl.arange(0, NB * U)
     if TAIL:
         xt = tl.load(x_row_ptr + kk[None, :], mask=(kk < u_end * U)[None, :], other=0.0)
@@ -123,7 +127,10 @@ def _dot_step(acc, b0, u_end, w_base, row_off, x_row_ptr, MAGIC, FMT: tl.constex
         xt = tl.load(x_row_ptr + kk[None, :])
     # acc is (BN, BM): the weight tile, made in registers, is the left operand as it stands
     if X_F32:
-        acc = tl.dot(w, tl.trans(xt), acc, input_precision=PRECISION)
+        if PRECISION == "bf16":
+            acc = tl.dot(w, tl.trans(xt.to(tl.bfloat16)), acc)
+        else:
+            acc = tl.dot(w, tl.trans(xt), acc, input_precision=PRECISION)
     else:
         acc = tl.dot(w, tl.trans(xt), acc)
     return acc
@@ -259,11 +266,11 @@ def _picked(ggml_type: int, rows: int, N: int, K: int, multiprocessors: int) -> 
 
 @functools.lru_cache(maxsize=4096)
 def _fitted(ggml_type: int, rows: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
-            experts: bool = False) -> Config:
+            experts: bool = False, precision: str = "tf32x3") -> Config:
     """The launch for this shape: the measured one where the device's tuning table has it (``_tuned``), else the
-    rule's, shrunk to the device's shared memory."""
+    rule's, shrunk to the device's shared memory (``precision``: ``_dot_precision``'s, for fp32 x)."""
     cfg = _tuned(ggml_type, rows, N, K, device, experts) or _picked(ggml_type, rows, N, K, _multiprocessors(device))
-    return fit_shared_memory(cfg, SPECS[ggml_type], dtype.itemsize, _shared_memory(device))
+    return fit_shared_memory(cfg, SPECS[ggml_type], dtype.itemsize, _shared_memory(device), precision)
 
 
 def _tuned(ggml_type: int, rows: int, N: int, K: int, device: torch.device, experts: bool) -> Config | None:
@@ -323,19 +330,22 @@ def _shared_memory(device: torch.device) -> int:
     return _SHARED[device]
 
 
-def fit_shared_memory(cfg: Config, spec: Spec, element_size: int, limit: int) -> Config:
+def fit_shared_memory(cfg: Config, spec: Spec, element_size: int, limit: int, precision: str = "tf32x3") -> Config:
     """``cfg`` with fewer pipeline stages, then smaller tiles, until the tl.dot kernel's buffers fit in ``limit``
-    bytes. The estimate, ``(bm + bn) * K-step * element size * stages``, is doubled for fp32 operands (tf32x3 keeps
-    a high and a low part of each): compiled for sm_90 it bounds what Triton 3.9 allocates for every format (fp32
-    Q4_K at 128x128 takes 256 KiB, more than an H100's 227). The budget keeps 1/8 for the compiler's own scratch;
-    a launch that still runs out is retried with smaller tiles (``_launch_dot``)."""
+    bytes. The estimate, ``(bm + bn) * K-step * element size * stages``, is doubled for fp32 operands under tf32x3
+    (it keeps a high and a low part of each) and counts 2 bytes under bf16 (``precision``, fp32 x only): compiled
+    for sm_90 it bounds what Triton 3.9 allocates for every format (fp32 Q4_K at 128x128 takes 256 KiB, more than an
+    H100's 227). The budget keeps 1/8 for the compiler's own scratch; a launch that still runs out is retried with
+    smaller tiles (``_launch_dot``)."""
     if not cfg.dot or cfg.codes:  # the code dot keeps a few KiB (fp16 operands of one 32-value sub-block)
         return cfg
     step = cfg.nb * spec.unit(True)
     budget = limit * 7 // 8
+    if element_size == 4:
+        element_size = {"tf32": 4, "bf16": 2}.get(precision, 8)
 
     def need(c: Config) -> int:
-        return (c.bm + c.bn) * step * element_size * c.stages * (2 if element_size == 4 else 1)
+        return (c.bm + c.bn) * step * element_size * c.stages
 
     while need(cfg) > budget:
         if cfg.stages > 1:
@@ -364,14 +374,21 @@ def _checked(spec: Spec, cfg: Config, K: int) -> None:
         raise ValueError(f"launch {cfg}: the code dot is a tl.dot launch for Q4_K and Q6_K only")
 
 
+# torch's float32 matmul precision -> tl.dot's products for fp32 x (torch's own matmuls: cuBLAS in fp32, TF32, bf16)
+PRECISIONS = {"highest": "tf32x3", "high": "tf32", "medium": "bf16"}
+
+
 def _dot_precision(x: torch.Tensor) -> str:
-    """fp32 ``x``: TF32 where torch allows it for its own matmuls, else three TF32 products per term (about fp32
-    accuracy at tensor-core speed; ``ieee`` if this Triton cannot compile that)."""
+    """The products of tl.dot for ``x``, following ``torch.get_float32_matmul_precision()`` as torch's own fp32
+    matmuls do (``orcd serve --matmul-precision`` sets it): ``highest``, three TF32 products per term (about fp32
+    accuracy at tensor-core speed; ``ieee`` off CUDA or where this Triton cannot compile that); ``high``, one TF32
+    product; ``medium``, bf16 operands. 16-bit ``x`` has one precision (its own)."""
     if x.dtype != torch.float32:
         return "ieee"  # unused: 16-bit operands have one precision
-    if torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee" if x.device.type != "cuda" or _NO_TF32X3 else "tf32x3"
+    precision = PRECISIONS.get(torch.get_float32_matmul_precision(), "tf32x3")
+    if precision == "tf32x3" and (x.device.type != "cuda" or _NO_TF32X3):
+        return "ieee"
+    return precision
 
 
 _NO_TF32X3: set[str] = set()  # non-empty once tf32x3 failed to compile here
@@ -476,7 +493,7 @@ def linear(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    cfg = config or _fitted(ggml_type, M, N, K, x.dtype, x.device)
+    cfg = config or _fitted(ggml_type, M, N, K, x.dtype, x.device, precision=_dot_precision(x2))
     if cfg.codes:
         _checked(SPECS[ggml_type], cfg, K)
         if x2.dtype == torch.float32:
@@ -559,7 +576,8 @@ def expert_linear(
         raise ValueError(f"{P} expert ids for {x2.shape[0]} rows of x ({per_row} per row)")
     if P == 0:
         return x.new_empty(0, N)
-    cfg = config or _fitted(ggml_type, expert_rows(P, n_expert), N, K, x.dtype, x.device, experts=True)
+    cfg = config or _fitted(ggml_type, expert_rows(P, n_expert), N, K, x.dtype, x.device, experts=True,
+                            precision=_dot_precision(x2))
     if cfg.codes:
         raise ValueError(f"launch {cfg}: the code dot has no grouped (expert) kernel")
     table = pair_blocks(ids) if cfg.bm == 1 else expert_blocks(ids, n_expert, cfg.bm)
