@@ -99,14 +99,15 @@ def oracle(cache: PagedKVCache, step: dict, window: int | None, sinks: bool) -> 
 
 
 def check(device: str, h_q: int, h_kv: int, window: int | None, sinks: bool, splits: int | None, tol: float,
-          monkeypatch: pytest.MonkeyPatch, head_dim: int = HEAD_DIM, f16_dot: bool | None = None) -> None:
+          monkeypatch: pytest.MonkeyPatch, head_dim: int = HEAD_DIM, f16_dot: bool | None = None,
+          early_values: bool = False) -> None:
     from orcd.nn.decode_attention import decode_attention
 
     cache, step = make_step(h_kv, h_q, device, head_dim=head_dim)
     theirs, _ = make_step(h_kv, h_q, device, head_dim=head_dim)  # the same seed: the same cache and step
     got = decode_attention(step["q"], step["k"], step["v"], cache.k[0], cache.v[0], step["tables"],
                            step["positions"], BLOCK, KV_LENGTH, SCALE, window, step["sinks"] if sinks else None,
-                           splits=splits, f16_dot=f16_dot)
+                           splits=splits, f16_dot=f16_dot, early_values=early_values)
     monkeypatch.setenv("ORCD_KERNELS", "0")
     want = oracle(theirs, step, window, sinks)
     assert got.shape == want.shape == (4, h_q, 1, head_dim) and got.dtype == want.dtype == torch.float32
@@ -137,11 +138,12 @@ FMA_HEADS = [(4, 4), (8, 4)]
 
 
 @interpreter_only
+@pytest.mark.parametrize("early_values", [False, True])
 @pytest.mark.parametrize("splits", [None, 3])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("h_q,h_kv", FMA_HEADS)
-def test_kernel_without_dot_equals_update_then_attention(h_q, h_kv, window, splits, monkeypatch):
-    check("cpu", h_q, h_kv, window, False, splits, 1e-5, monkeypatch, head_dim=96)
+def test_kernel_without_dot_equals_update_then_attention(h_q, h_kv, window, splits, early_values, monkeypatch):
+    check("cpu", h_q, h_kv, window, False, splits, 1e-5, monkeypatch, head_dim=96, early_values=early_values)
 
 
 @interpreter_only
@@ -208,8 +210,9 @@ def test_kernel_equals_update_then_attention_on_cuda(h_q, h_kv, window, sinks, s
 @pytest.mark.parametrize("splits", [None, 3])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("h_q,h_kv", FMA_HEADS)
-def test_kernel_without_dot_equals_update_then_attention_on_cuda(h_q, h_kv, window, splits, monkeypatch):
-    check("cuda", h_q, h_kv, window, False, splits, 2e-3, monkeypatch, head_dim=96)
+@pytest.mark.parametrize("early_values", [False, True])
+def test_kernel_without_dot_equals_update_then_attention_on_cuda(h_q, h_kv, window, splits, early_values, monkeypatch):
+    check("cuda", h_q, h_kv, window, False, splits, 2e-3, monkeypatch, head_dim=96, early_values=early_values)
 
 
 @gpu_test
@@ -281,7 +284,7 @@ def test_phi3_launch_compiles_for_sm_90_without_spills(window):
     assert group <= da.MAX_FMA_GROUP
     consts = {"GROUP": group, "D": d, "BLOCK_G": triton.next_power_of_2(group), "BLOCK_D": triton.next_power_of_2(d),
               "BLOCK_N": da._block_n(False, window), "HAS_WINDOW": window is not None, "HAS_SINKS": False,
-              "SPLIT": True, "USE_DOT": False, "F16_DOT": False}
+              "SPLIT": True, "USE_DOT": False, "F16_DOT": False, "EARLY_VALUES": False}
     stack, usage = _sm90_stack_bytes(consts)
     assert stack == 0, usage
 
@@ -296,6 +299,7 @@ def test_gpt_oss_launches_compile_for_sm_90_without_spills(window):
     from orcd.nn import decode_attention as da
 
     consts = {"GROUP": 8, "D": 64, "BLOCK_G": 16, "BLOCK_D": 64, "BLOCK_N": da._block_n(True, window),
-              "HAS_WINDOW": window is not None, "HAS_SINKS": True, "SPLIT": True, "USE_DOT": True, "F16_DOT": True}
+              "HAS_WINDOW": window is not None, "HAS_SINKS": True, "SPLIT": True, "USE_DOT": True, "F16_DOT": True,
+              "EARLY_VALUES": False}
     stack, usage = _sm90_stack_bytes(consts)
     assert stack == 0, usage

@@ -26,6 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     kernels.add_arguments(k)
     k.set_defaults(run=kernels.run_args)
 
+    from orcd.bench import attention
+
+    a = kinds.add_parser("attention", help="the paged decode-attention kernel on a model's shape (CUDA)")
+    attention.add_arguments(a)
+    a.set_defaults(run=attention.run_args)
+
     from orcd.bench import profile
 
     f = kinds.add_parser("profile", help="where a decode step's time goes: device kernels vs host, per step")

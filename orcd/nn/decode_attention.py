@@ -67,7 +67,7 @@ def _decode_kernel(
     s_ob, s_oh, s_os,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr,
-    F16_DOT: tl.constexpr,
+    F16_DOT: tl.constexpr, EARLY_VALUES: tl.constexpr,
 ):
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -130,6 +130,8 @@ def _decode_kernel(
             scores = tl.dot(q_lo, kt, tl.dot(q_hi, kt))
         else:
             keys = tl.load(kc_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            if EARLY_VALUES:  # issued with the keys' load, so the two latencies overlap
+                early = tl.load(vc_ptr + offs, mask=ok, other=0.0)
             if USE_DOT:
                 scores = tl.dot(q, tl.trans(keys), input_precision="ieee")
             else:
@@ -146,7 +148,10 @@ def _decode_kernel(
         else:
             # The values loaded here, after the scores, the order of the launches timed before fp16 dots (Qwen's read
             # at 64 keys: 14.50 us a layer on an H100). A version that loaded them with the keys took 94.10.
-            values = tl.load(vc_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            if EARLY_VALUES:
+                values = early.to(tl.float32)
+            else:
+                values = tl.load(vc_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             if USE_DOT:
                 acc = acc * alpha[:, None] + tl.dot(p, values, input_precision="ieee")
             else:
@@ -235,13 +240,15 @@ def decode_attention(
     block_n: int | None = None,
     warps: int | None = None,
     f16_dot: bool | None = None,
+    early_values: bool = False,
 ) -> torch.Tensor:
     """Store ``k``/``v`` ``(B, H_kv, 1, D)`` at each sequence's position in the pools ``(rows, H_kv, D)`` and
     attend ``q`` ``(B, H_q, 1, D)`` over positions ``<= positions[b]`` (``(B, 1)``, device) of the sequence's
     blocks ``tables`` ``(B, n)``; ``kv_length`` bounds every position. Returns ``(B, H_q, 1, D)`` in q's dtype.
     ``splits``, ``block_n``, ``warps`` and ``f16_dot`` force the launch (tests, tuning); by default ``n_splits`` picks
     the number of key ranges, ``_block_n`` the keys per step, ``WARPS`` the warps, and the tl.dot path takes fp16
-    tensor-core dots when the pools are fp16 (``F16_DOT``)."""
+    tensor-core dots when the pools are fp16 (``F16_DOT``). ``early_values``: the fp32 and register paths load a
+    step's values with its keys instead of after the scores (``orcd bench attention`` times both)."""
     b, h_q, t, d = q.shape
     h_kv = k.shape[1]
     if t != 1 or h_q % h_kv or k.shape != (b, h_kv, 1, d) or v.shape != k.shape:
@@ -277,7 +284,7 @@ def decode_attention(
         *strides,
         GROUP=group, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n or _block_n(use_dot, window),
         HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None, SPLIT=splits > 1, USE_DOT=use_dot,
-        F16_DOT=f16_dot,
+        F16_DOT=f16_dot, EARLY_VALUES=early_values and not f16_dot,
         num_warps=warps or WARPS,
     )
     if splits > 1:
