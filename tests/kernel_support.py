@@ -28,10 +28,19 @@ interpreter_only = pytest.mark.skipif(
     not (HAS_TRITON and INTERPRETED), reason="interpreter tests: CPU machines, or TRITON_INTERPRET=1")
 
 
-# The model-level reference tests run twice where Triton is installed and no GPU is: on the reference path, and on
-# the CUDA fast path's kernels (fused quantized matmuls and experts, stacked projections, norms, rotary, paged decode
-# attention) run on CPU tensors in Triton's interpreter. The compiled kernels' own run is the GPU suite's.
-KERNEL_PATHS = ["reference", pytest.param("interpreted-kernels", marks=interpreter_only)]
+# The model-level reference tests run on the reference path (CPU), and again on the CUDA fast path's kernels (fused
+# quantized matmuls and experts, stacked projections, norms, rotary): where Triton is installed and no GPU is, on CPU
+# tensors in Triton's interpreter; on a GPU, compiled, with the model on CUDA ("cuda", ``gpu``-marked: outside CI).
+on_cuda_only = [pytest.mark.gpu, pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON) or INTERPRETED,
+                                                    reason="needs a CUDA device and Triton (compiled kernels)")]
+KERNEL_PATHS = ["reference", pytest.param("interpreted-kernels", marks=interpreter_only),
+                pytest.param("cuda", marks=on_cuda_only)]
+FAST_PATHS = ("interpreted-kernels", "cuda")
+
+
+def path_device(path: str) -> str:
+    """Where a reference test's model runs on ``path``."""
+    return "cuda" if path == "cuda" else "cpu"
 
 
 @dataclass
@@ -43,9 +52,9 @@ class KernelCalls:
     experts: int = 0
 
     def took(self, path: str) -> bool:
-        """The calls agree with ``path``: some kernels on the kernels' path, none on the reference path."""
+        """The calls agree with ``path``: some kernels on a fast path, none on the reference path."""
         used = self.linear > 0 or self.experts > 0
-        return used == (path == "interpreted-kernels")
+        return used == (path in FAST_PATHS)
 
 
 def take_path(monkeypatch: pytest.MonkeyPatch, path: str) -> KernelCalls:

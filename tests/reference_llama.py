@@ -89,31 +89,37 @@ def hf_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0].float()
 
 
-def load(path: str | Path, plugins: Any) -> LoadedModel:
-    return load_model(path, "cpu", plugins)
+def load(path: str | Path, plugins: Any, device: str = "cpu") -> LoadedModel:
+    return load_model(path, device, plugins)
 
 
 def prompt_logits(loaded: LoadedModel, ids: list[int], n_ctx: int) -> torch.Tensor:
-    """Logits of every prompt position, through the KV cache as the engine runs a prefill."""
+    """Logits of every prompt position (on the CPU), through the KV cache as the engine runs a prefill, on the
+    model's device."""
     loaded.module.set_context_length(n_ctx)
-    cache = KVCache.for_model(loaded.config, 1, n_ctx, "cpu")
-    batch = ForwardBatch(torch.tensor([ids]), torch.arange(len(ids))[None], cache, [0])
-    return loaded.module(batch, all_logits=True)[0]
+    cache = KVCache.for_model(loaded.config, 1, n_ctx, loaded.device)
+    return loaded.module(one_sequence(cache, ids, 0), all_logits=True)[0].cpu()
+
+
+def one_sequence(cache: KVCache, ids: list[int], start: int) -> ForwardBatch:
+    """Tokens ``ids`` at positions ``start ..`` of the cache's sequence 0, on the cache's device."""
+    device = cache.device
+    positions = torch.arange(start, start + len(ids), device=device)[None]
+    return ForwardBatch(torch.tensor([ids], device=device), positions, cache, [0])
 
 
 def greedy(loaded: LoadedModel, prompt: list[int], n: int, n_ctx: int) -> tuple[list[int], list[float]]:
     """``n`` greedy tokens through the cache (prefill, then one token per forward), and the top-2 margin of each."""
     loaded.module.set_context_length(n_ctx)
-    cache = KVCache.for_model(loaded.config, 1, n_ctx, "cpu")
+    cache = KVCache.for_model(loaded.config, 1, n_ctx, loaded.device)
     ids = list(prompt)
-    logits = loaded.module(ForwardBatch(torch.tensor([ids]), torch.arange(len(ids))[None], cache, [0]))[0]
+    logits = loaded.module(one_sequence(cache, ids, 0))[0].cpu()
     margins = []
     for _ in range(n):
         top = torch.topk(logits, 2).values
         margins.append(float(top[0] - top[1]))
         ids.append(int(torch.argmax(logits)))
-        batch = ForwardBatch(torch.tensor([[ids[-1]]]), torch.tensor([[len(ids) - 1]]), cache, [0])
-        logits = loaded.module(batch)[0]
+        logits = loaded.module(one_sequence(cache, ids[-1:], len(ids) - 1))[0].cpu()
     return ids[len(prompt):], margins
 
 
