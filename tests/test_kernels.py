@@ -126,6 +126,56 @@ def test_interpreted_linear(formats: dict[str, QuantFormat], name: str, path: st
     assert relative_error(got, ref) < TOLERANCE[dtype]
 
 
+@pytest.fixture
+def matmul_precision():
+    """Set torch's float32 matmul precision for one test (``orcd.device.set_matmul_precision``), then restore it."""
+    from orcd.device import set_matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    yield set_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+@gpu_test
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q8_0", "MXFP4"])
+@pytest.mark.usefixtures("kernels_on")
+def test_cuda_dot_follows_the_matmul_precision(formats: dict[str, QuantFormat], name: str, matmul_precision) -> None:
+    """fp32 x through tl.dot (17 rows) under torch's three precisions. ``medium`` multiplies bf16 operands: the result
+    is the float64 product of the bf16-rounded weights and x within 1e-5 (exact products, fp32 sums), and differs
+    from the exact product by about bf16's rounding (2^-9 relative per operand), more than 1e-4. ``high`` (TF32,
+    10 significand bits) stays within 2e-3 of the exact product, ``highest`` (tf32x3) within the fp32 tolerance.
+    (Not in the interpreter: Triton 3.9's interpreter multiplies bf16 tiles' bit patterns as integers.)"""
+    matmul = matmul_module()
+    fmt = formats[name]
+    rng, seed = fresh_rng()
+    K, N, M = cuda_k(fmt), 37, 17
+    raw, w = random_weight(fmt, (N, K), rng)
+    data = torch.from_numpy(raw).cuda()
+    x = torch.randn(M, K, device="cuda")
+    w64 = torch.from_numpy(w).cuda()
+    exact = x.double() @ w64.T
+    dot = matmul.Config(bm=32, bn=16, dot=True, nb=2)
+
+    def run(precision: str) -> torch.Tensor:
+        matmul_precision(precision)
+        return matmul.linear(x, data, int(fmt.ggml_type), N, K, config=dot)
+
+    got = run("medium")
+    rounded = x.bfloat16().double() @ w64.float().bfloat16().double().T
+    assert relative_error(got, rounded) < 1e-5, f"{name} (seed {seed})"
+    assert relative_error(got, exact) > 1e-4, f"{name} (seed {seed})"
+    assert relative_error(run("high"), exact) < 2e-3, f"{name} (seed {seed})"
+    assert relative_error(run("highest"), exact) < TOLERANCE[torch.float32], f"{name} (seed {seed})"
+
+
+def test_matmul_precision_names_a_wrong_value() -> None:
+    from orcd.device import set_matmul_precision
+    from orcd.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="'fastest' is not one of highest, high, medium"):
+        set_matmul_precision("fastest")
+
+
 def dequant_module():
     from orcd_quant_formats.kernels import dequant
 
