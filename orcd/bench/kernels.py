@@ -215,14 +215,16 @@ def batch_decode_grid(m: int) -> list:
 
 def batch_dot_grid(m: int) -> list:
     """tl.dot launches for a decode batch (``m`` rows up to ``TABLE_MAX_ROWS``): one block of rows, the rule's
-    64 weight rows a program with 4 and 8 warps, and 16 rows (more programs, fewer registers: compiled for sm_90,
+    64 weight rows a program with 4 and 8 warps, 128 with 8, and 16 rows (more programs, fewer registers: compiled for sm_90,
     fp32 Q4_K at 32 x 16 takes 185 registers and 20 KiB of shared memory, at 32 x 64 226 and 112 KiB; 32 x 32 spilled
     608 bytes a thread, so it is not in the grid)."""
     from orcd_quant_formats.kernels import matmul
 
     bm = max(16, _pow2(m))
-    return [matmul.Config(bm=bm, bn=16, dot=True, nb=2, warps=4), matmul.Config(bm=bm, bn=64, dot=True, nb=2, warps=4),
-            matmul.Config(bm=bm, bn=64, dot=True, nb=2, warps=8)]
+    tiles = [matmul.Config(bm=bm, bn=16, dot=True, nb=2, warps=4), matmul.Config(bm=bm, bn=64, dot=True, nb=2, warps=4),
+             matmul.Config(bm=bm, bn=64, dot=True, nb=2, warps=8), matmul.Config(bm=bm, bn=128, dot=True, nb=2, warps=8)]
+    # each also without split-K: its partial sums cost a reduction kernel a projection (129 a Phi-3 step at 32 rows)
+    return tiles + [replace(cfg, split=1) for cfg in tiles]
 
 
 def codes_grid(m: int) -> list:
