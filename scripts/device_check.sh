@@ -13,11 +13,15 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 models=/tmp/models; mkdir -p $models
 # Triton compiles each kernel variant on first use (seconds each; minutes for a model's set). A cache from an earlier
-# call (.peer/triton-cache.tgz, copied from that call's $OUT) starts this one warm; this call's cache goes to $OUT.
+# call (.peer/triton-cache.tgz, or its parts .peer/triton-cache.txz.NN, copied from that call's $OUT) starts this one
+# warm; this call's cache goes to $OUT, xz-compressed and cut into parts under the 16 MiB a returned file may have
+# (a cold run of the whole GPU suite made a gzip archive over that, 2026-12-08). At most 3 parts: a file beyond the
+# 8 that come back is lost.
 export TRITON_CACHE_DIR=/tmp/triton-cache; mkdir -p "$TRITON_CACHE_DIR"
-[ -f .peer/triton-cache.tgz ] && tar xzf .peer/triton-cache.tgz -C "$TRITON_CACHE_DIR"
-save_cache() { tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
-  [ "$(stat -c %s "$OUT/triton-cache.tgz" 2>/dev/null || echo 0)" -lt 16000000 ] || rm -f "$OUT/triton-cache.tgz"; }
+if ls .peer/triton-cache.txz.* >/dev/null 2>&1; then cat .peer/triton-cache.txz.* | tar xJf - -C "$TRITON_CACHE_DIR"
+elif [ -f .peer/triton-cache.tgz ]; then tar xzf .peer/triton-cache.tgz -C "$TRITON_CACHE_DIR"; fi
+save_cache() { tar cJf - -C "$TRITON_CACHE_DIR" . 2>/dev/null | split -b 15000000 -d -a 2 - "$OUT/triton-cache.txz."
+  [ ! -e "$OUT/triton-cache.txz.03" ] || rm -f "$OUT"/triton-cache.txz.*; }
 trap save_cache EXIT
 trap "exit 143" TERM INT  # the device tool's time limit: exit through the EXIT trap
 
