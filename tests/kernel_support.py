@@ -5,7 +5,8 @@ first import of a kernel module, so the test modules import this first) and the 
   ``ORCD_INTERPRET_KERNELS=1`` so the modules take them there);
 - ``gpu_test``: compiled kernels on CUDA (``gpu``-marked, skipped without Triton, a GPU, or under the interpreter);
 - ``needs_triton``: anything else that needs Triton (the test extra installs it; without it these tests skip);
-- ``KERNEL_PATHS`` / ``take_path``: the model-level reference tests' second run, on the kernels in the interpreter.
+- ``KERNEL_PATHS`` / ``take_path``: the model-level reference tests' runs on the kernels: in the interpreter (CPU)
+  and compiled on CUDA (GPU).
 """
 
 from __future__ import annotations

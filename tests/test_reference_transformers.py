@@ -29,12 +29,12 @@ from reference_llama import PROMPT_TEXT, greedy, hf_logits, hf_model, load, prom
 
 ATOL = 1e-4
 CUDA_ATOL = 2e-2
+MODELS = [("qwen2", "tiny"), ("phi3", "tiny"), ("phi3", "tiny-longrope")]
+FILE_TYPES = ["F32", "Q8_0", "Q4_K_M"]
 
 
 def bound(kernel_path: str) -> float:
     return CUDA_ATOL if kernel_path == "cuda" else ATOL
-MODELS = [("qwen2", "tiny"), ("phi3", "tiny"), ("phi3", "tiny-longrope")]
-FILE_TYPES = ["F32", "Q8_0", "Q4_K_M"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_prompt_logits_match_transformers(transformers, synth_model, plugins, ar
     ref = hf_logits(hf_model(transformers, path, loaded.config), ids)
     assert ours.shape == ref.shape == (len(ids), loaded.config.vocab_size)
     diff = (ours - ref).abs().max().item()
-    assert diff < bound(kernel_path), f"{path.name}: max |logit difference| {diff:.3g} (logits up to {ref.abs().max():.3g})"
+    assert diff < bound(kernel_path), (
+        f"{path.name}: max |logit difference| {diff:.3g} (logits up to {ref.abs().max():.3g})")
     assert calls.took(kernel_path) or file_type == "F32", calls  # F32 weights have no fused kernel
 
 

@@ -128,8 +128,8 @@ def test_job_that_needs_more_than_free_memory_gets_vram_oom(gpu: LiveServer) -> 
     """Real CUDA out-of-memory, not an injected exception: with the GPU filled but for 256 KiB, the prefill of a
     ~1500-token prompt cannot get its activations; the job ends with VRAM_OOM, its partial allocations are
     released, and once memory is free again the same job runs. The warm-up job's prompt shares no block with it:
-    with the same prompt the prefix cache served all but its last tokens, whose prefill fit in the 256 KiB left
-    (on the H100 the job ended normally)."""
+    when it was the same prompt, the job ended normally on the H100 (2.25 MiB driver-free), and the prefix cache
+    can serve such a job all but its last tokens."""
     long_prompt = "memory pressure " * 190  # ~1520 tokens
     with httpx.Client(base_url=gpu.url, timeout=60) as c:
         warm = {"job_id": "oom-warm", "prompt": "pressure memory " * 190, "max_tokens": 4}
