@@ -217,35 +217,66 @@ def test_interpreted_prompt_linear_in_tiles_equals_the_reference(formats: dict[s
     assert relative_error(got, ref) < TOLERANCE[torch.float32]
 
 
+CODE_DOT_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q4_K", "Q6_K"]
+
+
 @interpreter_only
-@pytest.mark.parametrize("name", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("name", CODE_DOT_FORMATS)
 def test_interpreted_code_dot_equals_the_reference(formats: dict[str, QuantFormat], name: str) -> None:
     """The code dot (``codes_dot``: integer codes times x cut into two fp16 parts, each (row, 32 values) of x
     scaled by a power of two) is within fp32's tolerance of the reference at x of 1, 1e-4 and 3e3 (fp16 alone would
-    overflow or lose the small values) with a zero row, rows and weight rows that do not fill a block, and a bias;
-    16-bit x takes the ordinary tile; experts and other formats refuse it by name."""
+    overflow or lose the small values) with a zero row, rows and weight rows that do not fill a tile, and a bias,
+    whole and split in three along K (the bias then added after the partial sums); 16-bit x takes the ordinary
+    tile; a format without one refuses it by name."""
     matmul = matmul_module()
     fmt = formats[name]
-    t, K, N = int(fmt.ggml_type), 512, 19
+    t, K, N = int(fmt.ggml_type), 768 if fmt.block_size == 256 else 96, 19
     rng = np.random.default_rng(11)
     raw, w = random_weight(fmt, (N, K), rng)
     bias = torch.from_numpy(rng.standard_normal(N, dtype=np.float32))
     codes = matmul.Config(bm=16, bn=16, dot=True, nb=2, codes=True)
+    split = matmul.Config(bm=16, bn=16, dot=True, nb=2, split=3, codes=True)
+    assert matmul._plan(t, split, 2, N, K, torch.device("cpu"))[0] == 3
     for scale in (1.0, 1e-4, 3e3):
         x = torch.from_numpy(rng.standard_normal((20, K), dtype=np.float32) * np.float32(scale))
         x[3] = 0
-        got = matmul.linear(x, torch.from_numpy(raw), t, N, K, bias, config=codes)
         ref = x.double() @ torch.from_numpy(w).T + bias.double()
-        assert relative_error(got, ref) < TOLERANCE[torch.float32], scale
+        for cfg in (codes, split):
+            got = matmul.linear(x, torch.from_numpy(raw), t, N, K, bias, config=cfg)
+            assert got.dtype == torch.float32
+            assert relative_error(got, ref) < TOLERANCE[torch.float32], (scale, cfg)
     x16 = torch.from_numpy(rng.standard_normal((5, K), dtype=np.float32)).half()
     got = matmul.linear(x16, torch.from_numpy(raw), t, N, K, config=codes)
     assert got.dtype == torch.float16
     assert relative_error(got, x16.double() @ torch.from_numpy(w).half().double().T) < TOLERANCE[torch.float16]
-    with pytest.raises(ValueError, match="Q4_K and Q6_K only"):
-        matmul._checked(matmul.SPECS[int(formats["Q8_0"].ggml_type)], codes, 96)
-    with pytest.raises(ValueError, match="no grouped"):
-        matmul.expert_linear(x16.float(), torch.from_numpy(raw), t, 1, N, K, torch.zeros(5, dtype=torch.int32),
-                             config=codes)
+    with pytest.raises(ValueError, match="Q4_K, Q6_K, MXFP4 only"):
+        matmul._checked(matmul.SPECS[int(formats["Q5_K"].ggml_type)], codes, 256)
+
+
+@interpreter_only
+@pytest.mark.parametrize("name", ["MXFP4", "Q8_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_interpreted_code_dot_of_experts_equals_the_reference(formats: dict[str, QuantFormat], name: str) -> None:
+    """Grouped by expert (``expert_linear`` with a code-dot launch): 9 tokens through their top-2 of 4 experts,
+    one never chosen, blocks of 16 pairs, with the experts' biases, whole and split along K: within fp32's
+    tolerance of each pair's reference product, and the int32 ids the MoE passes give the same bits."""
+    matmul = matmul_module()
+    fmt = formats[name]
+    E, N, K, top_k, tokens = 4, 19, 512 if fmt.block_size == 256 else 96, 2, 9
+    rng = np.random.default_rng(13)
+    raw, w = random_weight(fmt, (E, N, K), rng)
+    w = torch.from_numpy(w).reshape(E, N, K)
+    bias = torch.from_numpy(rng.standard_normal((E, N), dtype=np.float32))
+    ids = torch.from_numpy(rng.integers(0, E - 1, size=(tokens, top_k)))
+    x = torch.from_numpy(rng.standard_normal((tokens, K), dtype=np.float32))
+    data = torch.from_numpy(raw)
+    ref = torch.stack([w[e] @ x[p // top_k].double() + bias[e].double() for p, e in enumerate(ids.reshape(-1).tolist())])
+    for split in (1, 2):
+        cfg = matmul.Config(bm=16, bn=16, dot=True, nb=2, split=split, codes=True)
+        got = matmul.expert_linear(x, data, int(fmt.ggml_type), E, N, K, ids, bias, config=cfg)
+        assert got.shape == (tokens * top_k, N)
+        assert relative_error(got, ref) < TOLERANCE[torch.float32], split
+        as_int32 = matmul.expert_linear(x, data, int(fmt.ggml_type), E, N, K, ids.to(torch.int32), bias, config=cfg)
+        torch.testing.assert_close(as_int32, got, rtol=0, atol=0)
 
 
 @interpreter_only

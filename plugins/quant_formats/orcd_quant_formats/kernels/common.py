@@ -89,3 +89,51 @@ def j4(a, b, c, d):
 @triton.jit
 def j16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15):
     return j4(j4(a0, a1, a2, a3), j4(a4, a5, a6, a7), j4(a8, a9, a10, a11), j4(a12, a13, a14, a15))
+
+
+@triton.jit
+def block_rows(pid_m, M, block_expert_ptr, block_start_ptr, block_end_ptr, sorted_ptr, BM: tl.constexpr,
+               X_DIV: tl.constexpr, GROUPED: tl.constexpr):
+    """The ``BM`` rows of x of block ``pid_m``, for the tile kernels: ``(x rows, output rows, which exist, expert,
+    whether the block has any row)``. Plain: rows ``pid_m * BM ..`` (rows past ``M`` re-read the last one and are
+    not stored). ``GROUPED``: entry ``pid_m`` of the expert block table (``matmul.expert_blocks``), pairs of one
+    expert, pair ``p`` reading x row ``p // X_DIV``."""
+    offs_m = tl.arange(0, BM)
+    if GROUPED:
+        expert = tl.load(block_expert_ptr + pid_m)
+        p_lo = tl.load(block_start_ptr + pid_m)
+        p_hi = tl.load(block_end_ptr + pid_m)
+        m_ok = p_lo + offs_m < p_hi
+        pair = tl.load(sorted_ptr + p_lo + offs_m, mask=m_ok, other=0)
+        x_rows = pair // X_DIV
+        o_rows = pair
+        live = p_hi > p_lo
+    else:
+        expert = 0
+        o_rows = pid_m * BM + offs_m
+        x_rows = tl.minimum(o_rows, M - 1)
+        m_ok = o_rows < M
+        live = M > 0
+    return x_rows, o_rows, m_ok, expert, live
+
+
+@triton.jit
+def store_tile(acc, out_ptr, bias_ptr, o_rows, m_ok, offs_n, expert, pid_k, N, stride_om, part_stride,
+               HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, PARTIAL: tl.constexpr):
+    """Store a tile kernel's ``acc (BN, BM)`` (weight rows ``offs_n`` x output rows ``o_rows``): fp32 partial sums
+    of split ``pid_k`` (``PARTIAL``; bias added after the reduction), else plus the bias (the expert's, ``GROUPED``)
+    in the output's dtype."""
+    n_ok = offs_n < N
+    mask = n_ok[:, None] & m_ok[None, :]
+    if PARTIAL:
+        ptrs = out_ptr + pid_k.to(tl.int64) * part_stride + o_rows[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(ptrs, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            if GROUPED:
+                bias = tl.load(bias_ptr + expert.to(tl.int64) * N + offs_n, mask=n_ok, other=0.0)
+            else:
+                bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
+            acc += bias.to(tl.float32)[:, None]
+        ptrs = out_ptr + o_rows[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -37,7 +37,8 @@ from triton.runtime.errors import OutOfResources
 from orcd_quant_formats.kernels import codes_dot, tuning
 from orcd_quant_formats.kernels.tuning import DECODE_MAX_ROWS, FMA_MAX_ROWS
 from orcd_quant_formats.kernels.common import (
-    FMT_MXFP4, FMT_Q4_0, FMT_Q4_1, FMT_Q4_K, FMT_Q5_0, FMT_Q5_1, FMT_Q5_K, FMT_Q6_K, FMT_Q8_0, MAGIC_BITS,
+    FMT_MXFP4, FMT_Q4_0, FMT_Q4_1, FMT_Q4_K, FMT_Q5_0, FMT_Q5_1, FMT_Q5_K, FMT_Q6_K, FMT_Q8_0, MAGIC_BITS, block_rows,
+    store_tile,
 )
 from orcd_quant_formats.kernels.gemv import gemv_kernel
 from orcd_quant_formats.kernels.kquants import q4_k_tile, q5_k_tile, q6_k_tile
@@ -148,27 +149,16 @@ def qmm_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_m = tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    n_ok = offs_n < N
     row_off = tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn  # rows past N re-read the last one, unstored
     u_start = pid_k * chunk_units
     u_end = tl.minimum(K // QK * UNITS, u_start + chunk_units)
+    x_rows, o_rows, m_ok, expert, live = block_rows(pid_m, M, block_expert_ptr, block_start_ptr, block_end_ptr,
+                                                    sorted_ptr, BM, X_DIV, GROUPED)
     if GROUPED:
-        expert = tl.load(block_expert_ptr + pid_m)
-        p_lo = tl.load(block_start_ptr + pid_m)
-        p_hi = tl.load(block_end_ptr + pid_m)
-        m_ok = p_lo + offs_m < p_hi
-        pair = tl.load(sorted_ptr + p_lo + offs_m, mask=m_ok, other=0)
-        x_rows = pair // X_DIV
-        o_rows = pair
         w_base = w_ptr + expert.to(tl.int64) * stride_we
-        u_end = tl.where(p_hi > p_lo, u_end, u_start)  # an unused block of pairs runs no steps
+        u_end = tl.where(live, u_end, u_start)  # an unused block of pairs runs no steps
     else:
-        expert = 0
-        x_rows = tl.minimum(pid_m * BM + offs_m, M - 1)  # rows past M re-read the last one, unstored
-        o_rows = pid_m * BM + offs_m
-        m_ok = o_rows < M
         w_base = w_ptr
     x_row_ptr = x_ptr + x_rows.to(tl.int64)[:, None] * stride_xm
 
@@ -180,20 +170,8 @@ def qmm_kernel(
     if full_end < u_end:
         acc = _dot_step(acc, full_end, u_end, w_base, row_off, x_row_ptr, MAGIC, FMT, QK, TYPE_SIZE, UNITS, NB,
                         X_F32, PRECISION, True)
-
-    mask = n_ok[:, None] & m_ok[None, :]
-    if PARTIAL:
-        ptrs = out_ptr + pid_k.to(tl.int64) * part_stride + o_rows[None, :].to(tl.int64) * N + offs_n[:, None]
-        tl.store(ptrs, acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            if GROUPED:
-                bias = tl.load(bias_ptr + expert.to(tl.int64) * N + offs_n, mask=n_ok, other=0.0)
-            else:
-                bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
-            acc += bias.to(tl.float32)[:, None]
-        ptrs = out_ptr + o_rows[None, :].to(tl.int64) * stride_om + offs_n[:, None]
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    store_tile(acc, out_ptr, bias_ptr, o_rows, m_ok, offs_n, expert, pid_k, N, stride_om, part_stride, HAS_BIAS,
+               GROUPED, PARTIAL)
 
 
 # --- launch configuration -------------------------------------------------------------------------------------------
@@ -219,9 +197,9 @@ class Config:
     blocks; K-quants: 64 values, 128 for Q6_K under tl.dot) per iteration; ``dot``: the tl.dot kernel, else the
     decode kernel (``bm`` <= ``DECODE_MAX_ROWS``), whose units are cut into ``parts`` (one lane each; ``nb`` then
     counts parts).
-    ``split``: chunks of K (0: chosen from the grid size). ``codes``: for fp32 x and Q4_K or Q6_K, the tensor-core
-    dot on the blocks' integer codes (``codes_dot``; ``nb``, ``split`` and ``parts`` unused), only where a table or
-    a sweep asks for it."""
+    ``split``: chunks of K (0: chosen from the grid size). ``codes``: for fp32 x, the tensor-core dot on the
+    blocks' integer codes (``codes_dot.TYPES``; plain or grouped by expert; ``nb`` and ``parts`` unused), only where
+    a table or a sweep asks for it; 16-bit x then takes the tl.dot tile of the same shape."""
 
     bm: int
     bn: int
@@ -285,8 +263,6 @@ def _tuned(ggml_type: int, rows: int, N: int, K: int, device: torch.device, expe
     try:
         cfg = Config(**entry)
         _entry_fits(cfg, keyed)
-        if experts and cfg.codes:
-            raise ValueError("the code dot has no grouped (expert) kernel")
         _checked(SPECS[ggml_type], cfg, K)
     except (TypeError, ValueError) as e:
         warnings.warn(f"kernel tuning entry {key} ignored: {e}", stacklevel=3)
@@ -370,8 +346,9 @@ def _checked(spec: Spec, cfg: Config, K: int) -> None:
         raise ValueError(f"decode launch {cfg}: parts must be 1, 2, 4 or 8")
     if cfg.dot and (cfg.bm < 16 or cfg.bn < 16):
         raise ValueError(f"tl.dot launch {cfg}: bm and bn must be at least 16")
-    if cfg.codes and (not cfg.dot or not any(spec is SPECS[t] for t in codes_dot.KERNELS)):
-        raise ValueError(f"launch {cfg}: the code dot is a tl.dot launch for Q4_K and Q6_K only")
+    if cfg.codes and (not cfg.dot or not any(spec is SPECS[t] for t in codes_dot.TYPES)):
+        names = ", ".join(T(t).name for t in sorted(codes_dot.TYPES))
+        raise ValueError(f"launch {cfg}: the code dot is a tl.dot launch for {names} only")
 
 
 # torch's float32 matmul precision -> tl.dot's products for fp32 x (torch's own matmuls: cuBLAS in fp32, TF32, bf16)
@@ -399,15 +376,20 @@ def _plan(ggml_type: int, cfg: Config, m_blocks: int, N: int, K: int, device: to
     """``(splits, units per split)`` of one launch (cached: decode calls repeat)."""
     spec = SPECS[ggml_type]
     _checked(spec, cfg, K)
-    n_units = K // spec.unit(cfg.dot) * (1 if cfg.dot else cfg.parts)
-    steps = triton.cdiv(n_units, cfg.nb)
+    if cfg.codes:  # one step of its own a loop iteration
+        n_units = steps = codes_dot.steps(ggml_type, K)
+        nb = 1
+    else:
+        n_units = K // spec.unit(cfg.dot) * (1 if cfg.dot else cfg.parts)
+        nb = cfg.nb
+        steps = triton.cdiv(n_units, nb)
     split = cfg.split
     if split <= 0:
         programs = m_blocks * triton.cdiv(N, cfg.bn)
         target = PROGRAMS_PER_SM * _multiprocessors(device)
         split = 1 if programs >= target else min(triton.cdiv(target, programs), steps // MIN_STEPS_PER_SPLIT)
     split = max(1, min(split, steps))
-    per_split = triton.cdiv(steps, split) * cfg.nb
+    per_split = triton.cdiv(steps, split) * nb
     return triton.cdiv(n_units, per_split), per_split
 
 
@@ -423,8 +405,12 @@ def _launch(
         out = torch.empty((split, out_rows, N), dtype=torch.float32, device=x.device)
     else:
         out = torch.empty((out_rows, N), dtype=x.dtype, device=x.device)
-    meta = grouped if grouped is not None else (x, x, x, x)  # unused pointers when not grouped
     grid = (m_blocks, triton.cdiv(N, cfg.bn), split)
+    if cfg.codes:
+        codes_dot.launch(x, data, ggml_type, N, K, bias, out, grid, chunk_units, grouped, x_div, expert_stride,
+                         cfg.bm, cfg.bn, cfg.warps, cfg.stages)
+        return _reduced(out, bias, bias_rows, x.dtype) if partial else out
+    meta = grouped if grouped is not None else (x, x, x, x)  # unused pointers when not grouped
     args = (x, data, bias if bias is not None else x, out, *meta, x.shape[0], N, K, x.stride(0), data.stride(0),
             expert_stride, out.stride(-2), chunk_units, out_rows * N, MAGIC_BITS)
     flags = {"FMT": ggml_type, "QK": spec.block_size, "TYPE_SIZE": spec.type_size, "UNITS": spec.units(cfg.dot),
@@ -434,12 +420,17 @@ def _launch(
         gemv_kernel[grid](*args, **flags, PARTS=cfg.parts)
     else:
         _launch_dot(args, flags, grid, x, N, (ggml_type, cfg, x.dtype))
-    if not partial:
-        return out
-    result = out.sum(dim=0)
+    return _reduced(out, bias, bias_rows, x.dtype) if partial else out
+
+
+def _reduced(parts: torch.Tensor, bias: torch.Tensor | None, bias_rows: torch.Tensor | None,
+             dtype: torch.dtype) -> torch.Tensor:
+    """Split-K's fp32 partial sums ``(splits, rows, N)`` added, plus the bias (of each row's expert where
+    ``bias_rows`` says which), in ``dtype``."""
+    result = parts.sum(dim=0)
     if bias is not None:
         result += bias.float() if bias_rows is None else bias.float().index_select(0, bias_rows)
-    return result.to(x.dtype)
+    return result.to(dtype)
 
 
 # (ggml type, config, dtype, precision) -> the BN that launched, once a launch ran out of shared memory
@@ -493,16 +484,15 @@ def linear(
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
-    cfg = config or _fitted(ggml_type, M, N, K, x.dtype, x.device, precision=_dot_precision(x2))
-    if cfg.codes:
-        _checked(SPECS[ggml_type], cfg, K)
-        if x2.dtype == torch.float32:
-            out = codes_dot.codes_linear(x2, data, ggml_type, N, K, bm=cfg.bm, bn=cfg.bn, warps=cfg.warps,
-                                         stages=cfg.stages)
-            return (out if bias is None else out + bias.float()).reshape(*x.shape[:-1], N)
-        cfg = replace(cfg, codes=False)  # 16-bit x: tl.dot's tiles in x's dtype, as the reference path casts
+    cfg = _codes_for(config or _fitted(ggml_type, M, N, K, x.dtype, x.device, precision=_dot_precision(x2)), x2)
     out = _launch(x2, data, ggml_type, N, K, bias, cfg, triton.cdiv(M, cfg.bm), M)
     return out.reshape(*x.shape[:-1], N)
+
+
+def _codes_for(cfg: Config, x: torch.Tensor) -> Config:
+    """``cfg`` as it runs for ``x``: the code dot takes fp32 x; 16-bit x takes tl.dot's tiles in its own dtype
+    (as the reference path casts its weights) at the same tile shape."""
+    return cfg if not cfg.codes or x.dtype == torch.float32 else replace(cfg, codes=False)
 
 
 def expert_blocks(ids: torch.Tensor, n_expert: int, bm: int) -> tuple[torch.Tensor, ...]:
@@ -578,8 +568,7 @@ def expert_linear(
         return x.new_empty(0, N)
     cfg = config or _fitted(ggml_type, expert_rows(P, n_expert), N, K, x.dtype, x.device, experts=True,
                             precision=_dot_precision(x2))
-    if cfg.codes:
-        raise ValueError(f"launch {cfg}: the code dot has no grouped (expert) kernel")
+    cfg = _codes_for(cfg, x2)
     table = pair_blocks(ids) if cfg.bm == 1 else expert_blocks(ids, n_expert, cfg.bm)
     flat = ids.reshape(-1) if bias is not None else None  # split-K's bias rows (index_select takes int32 too)
     return _launch(x2, data, ggml_type, N, K, bias, cfg, table[0].numel(), P, grouped=table, x_div=per_row,
