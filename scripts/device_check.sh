@@ -41,9 +41,9 @@ for step in "$@"; do
     tests-par)  # the GPU tests in several processes at once, so cold Triton compiles (one process compiles one
       # kernel at a time) overlap; they share the cache. One group per process (TEST_GROUPS, ';'-separated), each
       # bounded by STEP_TIMEOUT, with its own -v log: a group that a limit stops still names what passed.
-      # (the six groups of the 2026-12-08 run: from a cold cache the kernels' group took 410 s, the engine's did not
-      # finish in 420)
-      groups=${TEST_GROUPS:-"tests/test_engine.py;tests/test_gpt_oss_gpu.py tests/test_quant_linear.py;tests/test_cuda_graphs.py tests/test_decode_attention.py tests/test_fusion.py;tests/test_device.py tests/test_server_gpu.py tests/test_prefill_attention.py tests/test_moe_kernels.py;tests/test_kernels.py tests/test_norm_kernels.py tests/test_rotary_kernels.py;tests/test_reference_transformers.py"}
+      # (the 2026-12-08 run's six groups took up to 410 s from a cold cache, but test_engine.py's did not finish in
+      # 420: its one GPU test, six cases, is now two groups, qwen2 and phi3, compiling side by side)
+      groups=${TEST_GROUPS:-"tests/test_engine.py -k qwen2;tests/test_engine.py -k phi3;tests/test_gpt_oss_gpu.py tests/test_quant_linear.py;tests/test_cuda_graphs.py tests/test_decode_attention.py tests/test_fusion.py;tests/test_device.py tests/test_server_gpu.py tests/test_prefill_attention.py tests/test_moe_kernels.py;tests/test_kernels.py tests/test_norm_kernels.py tests/test_rotary_kernels.py;tests/test_reference_transformers.py"}
       [ -d /tmp/llama-site ] && export PYTHONPATH=$PYTHONPATH:/tmp/llama-site
       IFS=';' read -ra parts <<< "$groups"; pids=()
       for i in "${!parts[@]}"; do
@@ -104,6 +104,21 @@ for step in "$@"; do
         --repeat 10 --model "$models/$arch-$preset-$ftype.gguf" --tuning-out "$OUT/tuned-$arch-$preset-m${SWEEP_M:-1}.json" \
         > "$OUT/sweep-$arch-$preset-m${SWEEP_M:-1}.txt" 2>&1
       tail -n 15 "$OUT/sweep-$arch-$preset-m${SWEEP_M:-1}.txt" ;;
+    merge-tuning)  # the packaged table of this GPU plus every table this call's sweeps wrote (later sweeps win), as
+      # $OUT/tuned-merged.json, which the later steps of this call use (ORCD_KERNEL_TUNING): sweep, then bench the
+      # winners in one call
+      python3 - "$OUT" <<'PY'
+import glob, json, sys
+import torch
+from orcd_quant_formats.kernels import tuning
+out, name = sys.argv[1], torch.cuda.get_device_name()
+merged = dict(tuning.table(name))
+for path in sorted(glob.glob(f"{out}/tuned-*-m*.json")):
+    merged.update(json.load(open(path))["configs"])
+tuning.write(f"{out}/tuned-merged.json", name, merged)
+print(len(merged), "entries;", sum(1 for c in merged.values() if c.get("codes")), "code-dot")
+PY
+      export ORCD_KERNEL_TUNING="$OUT/tuned-merged.json" ;;
     *) eval "$step" ;;
   esac
   echo "--- $step: $(( $(date +%s) - t0 )) s"

@@ -353,7 +353,7 @@ def tuning_file(tmp_path, monkeypatch: pytest.MonkeyPatch):
 def test_tuning_table_gives_the_measured_launch(formats: dict[str, QuantFormat], tuning_file) -> None:
     """A shape in the table takes its entry (linear and experts keyed apart; 8 rows, which the rule sends to tl.dot,
     to the decode kernel; 17 to 32 rows to the 32-row entry, here 8-row decode blocks; 16 rows to a tl.dot entry;
-    a prompt's rows to the rule), an invalid entry warns and takes the rule, and the tuned launches compute the
+    33 to 64 rows, plain or experts, to a code-dot entry; a prompt's rows to the rule), an invalid entry warns and takes the rule, and the tuned launches compute the
     same product."""
     from orcd_quant_formats.kernels import tuning
 
@@ -377,8 +377,8 @@ def test_tuning_table_gives_the_measured_launch(formats: dict[str, QuantFormat],
     assert matmul._fitted(t, 16, N, K, torch.float32, cpu) == matmul.Config(**dot)
     assert matmul._fitted(t, 512, N, K, torch.float32, cpu) == matmul._picked(t, 512, N, K, 4)
     assert matmul._fitted(t, 40, N, K, torch.float32, cpu) == matmul.Config(**{**dot, "bm": 64, "codes": True})
-    with pytest.warns(UserWarning, match="no grouped"):
-        assert matmul._fitted(t, 64, N, K, torch.float32, cpu, experts=True) == matmul._picked(t, 64, N, K, 4)
+    assert matmul._fitted(t, 64, N, K, torch.float32, cpu, experts=True) == matmul.Config(**{**dot, "bm": 64,
+                                                                                             "codes": True})
     with pytest.warns(UserWarning, match="which the decode kernel takes"):
         assert matmul._fitted(t, 4, N, K, torch.float32, cpu) == matmul._picked(t, 4, N, K, 4)
     assert matmul._fitted(t, 1, N, K, torch.float32, cpu, experts=True) == matmul.Config(**experts)
@@ -654,9 +654,10 @@ H100_SHARED = 232448  # bytes of shared memory one program may use on an H100 (s
 @needs_triton
 @pytest.mark.skipif(INTERPRETED, reason="compiles for sm_90; the interpreter replaces the compiler")
 def test_code_dot_launches_compile_for_sm_90_without_spills() -> None:
-    """The code-dot launches the 32-row sweep times (``orcd.bench.kernels.codes_grid``), Q4_K's and Q6_K's, compile
-    for an H100 (sm_90, no GPU needed) without spilling registers to the stack; Q4_K's unrolled over a super-block
-    spilled 792 bytes a thread."""
+    """The code-dot launches the 32-row sweep times (``orcd.bench.kernels.codes_grid``, plain, and
+    ``expert_codes_grid``, grouped by expert with biases), every format's, compile for an H100 (sm_90, no GPU
+    needed) without spilling registers to the stack and within its shared memory; Q4_K's unrolled over a
+    super-block spilled 792 bytes a thread."""
     import os
     import re
     import subprocess
@@ -666,25 +667,31 @@ def test_code_dot_launches_compile_for_sm_90_without_spills() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from orcd.bench.kernels import codes_grid
+    from orcd.bench.kernels import codes_grid, expert_codes_grid
     from orcd_quant_formats.kernels import codes_dot
 
-    types = {"hi_ptr": "*fp16", "lo_ptr": "*fp16", "w_ptr": "*u8"}
+    fn = codes_dot.codes_kernel
+    table = ("block_expert_ptr", "block_start_ptr", "block_end_ptr", "sorted_ptr")
+    types = {"hi_ptr": "*fp16", "lo_ptr": "*fp16", "w_ptr": "*u8", **{a: "*i32" for a in table}}
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    for fn, cfg in [(kernel, cfg) for _, kernel, _ in codes_dot.KERNELS.values() for cfg in codes_grid(32)]:
-        consts = {"BM": cfg.bm, "BN": cfg.bn}
-        signature = {a: "constexpr" if a in consts else types.get(a, "*fp32" if a.endswith("_ptr") else "i32")
-                     for a in fn.arg_names}
-        source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": cfg.warps, "num_stages": cfg.stages})
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kernel.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True,
-                                   check=True).stdout
-        assert re.search(r"STACK:0\b", usage), (cfg, usage)
-        assert kernel.metadata.shared <= H100_SHARED, (cfg, kernel.metadata.shared)
+    launches = [(cfg, False) for cfg in codes_grid(32)] + [(cfg, True) for cfg in expert_codes_grid()]
+    for t in sorted(codes_dot.TYPES):
+        for cfg, grouped in launches:
+            consts = {"FMT": t, "TYPE_SIZE": codes_dot.TYPE_SIZES[t], "STEP": codes_dot.STEP_VALUES[t], "BM": cfg.bm,
+                      "BN": cfg.bn, "GROUPED": grouped, "X_DIV": 4 if grouped else 1, "HAS_BIAS": grouped,
+                      "PARTIAL": False}
+            signature = {a: "constexpr" if a in consts else types.get(a, "*fp32" if a.endswith("_ptr") else "i32")
+                         for a in fn.arg_names}
+            source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": cfg.warps, "num_stages": cfg.stages})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True,
+                                       check=True).stdout
+            assert re.search(r"STACK:0\b", usage), (T(t).name, cfg, grouped, usage)
+            assert kernel.metadata.shared <= H100_SHARED, (T(t).name, cfg, kernel.metadata.shared)
 
 
 @needs_triton

@@ -98,6 +98,26 @@ def test_experts_are_swept_at_each_planned_row_count() -> None:
     assert kernels.expert_sweep_tokens([8], 32) == {1: 8}
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_code_dot_sweep_launches_are_entries_the_tuning_lookup_takes() -> None:
+    """Every code-dot launch the 32-stream sweeps time (``codes_grid(32)``; ``expert_codes_grid`` at the 5 rows a
+    block that 32 GPT-OSS streams' 128 pairs plan) is, for every format with a code dot, an entry the tuning lookup
+    accepts for that key, so a winner written by ``--tuning-out`` is used rather than dropped with a warning; a
+    format without one is refused."""
+    from gguf import GGMLQuantizationType as T
+
+    from orcd_quant_formats.kernels import codes_dot, matmul
+
+    for t in codes_dot.TYPES:
+        spec, K = matmul.SPECS[t], 2880 if matmul.SPECS[t].block_size == 32 else 3072
+        for cfg, rows in [(c, 32) for c in kernels.codes_grid(32)] + [(c, 5) for c in kernels.expert_codes_grid()]:
+            matmul._entry_fits(cfg, rows)
+            matmul._checked(spec, cfg, K)
+            assert matmul.fit_shared_memory(cfg, spec, 4, 232448) == cfg  # the code dot keeps a few KiB
+    with pytest.raises(ValueError, match="code dot"):
+        matmul._checked(matmul.SPECS[int(T.Q5_K)], kernels.codes_grid(32)[0], 256)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_short_run_on_cuda() -> None:

@@ -30,7 +30,6 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-import gguf
 import numpy as np
 import torch
 
@@ -228,14 +227,33 @@ def batch_dot_grid(m: int) -> list:
 
 
 def codes_grid(m: int) -> list:
-    """Code-dot launches (fp32 x, Q4_K and Q6_K: ``codes_dot``) for a decode batch: compiled for sm_90, 64 weight
-    rows with 8 warps take 170 (Q4_K) and 108 (Q6_K) registers and 8 KiB of shared memory, 32 rows with 4 warps 254
-    and 155 and 4 KiB, without spills."""
+    """Code-dot launches (fp32 x, ``codes_dot.TYPES``) for a decode batch of ``m`` rows: one block of rows, 64
+    weight rows a program with 8 warps, 32 with 4, 128 with 8. Compiled for sm_90 (2026-12-08), none spills; at 32
+    rows they take 108 to 128 registers (64 x 8 warps), 138 to 248 (32 x 4) and 128 to 210 (128 x 8) across the
+    eight formats, and 4 to 12 KiB of shared memory (the fp32 tl.dot launch of Q4_K at 32 x 64: 226 and 112 KiB)."""
     from orcd_quant_formats.kernels import matmul
 
     bm = max(16, _pow2(m))
     return [matmul.Config(bm=bm, bn=64, dot=True, nb=2, warps=8, codes=True),
-            matmul.Config(bm=bm, bn=32, dot=True, nb=2, warps=4, codes=True)]
+            matmul.Config(bm=bm, bn=32, dot=True, nb=2, warps=4, codes=True),
+            matmul.Config(bm=bm, bn=128, dot=True, nb=2, warps=8, codes=True)]
+
+
+def expert_codes_grid() -> list:
+    """Grouped code-dot launches (fp32 x) for a decode batch's experts: blocks of 16 pairs (32 GPT-OSS streams
+    choose about 4 per expert), 64 weight rows with 4 and 8 warps, 128 with 8. Compiled for sm_90, MXFP4's take
+    143, 103 and 128 registers, no spills."""
+    from orcd_quant_formats.kernels import matmul
+
+    return [matmul.Config(bm=16, bn=64, dot=True, nb=2, warps=4, codes=True),
+            matmul.Config(bm=16, bn=64, dot=True, nb=2, warps=8, codes=True),
+            matmul.Config(bm=16, bn=128, dot=True, nb=2, warps=8, codes=True)]
+
+
+def _has_codes(fmt: QuantFormat, dtype: torch.dtype) -> bool:
+    from orcd_quant_formats.kernels import codes_dot
+
+    return dtype == torch.float32 and int(fmt.ggml_type) in codes_dot.TYPES
 
 
 def _timed_grid(configs: list, default: object, call: Callable[[object], list], repeat: int) -> list[dict]:
@@ -268,8 +286,7 @@ def sweep(fmt: QuantFormat, n: int, k: int, m: int, dtype: torch.dtype, device: 
         grid += batch_decode_grid(m)
     if 1 < m <= tuning.TABLE_MAX_ROWS:
         grid += batch_dot_grid(m)
-        codes_types = (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K)
-        if fmt.ggml_type in codes_types and dtype == torch.float32:
+        if _has_codes(fmt, dtype):
             grid += codes_grid(m)
     elif m > 1:
         grid += [matmul.Config(bm=bm, bn=bn, dot=True, nb=nb, warps=warps)
@@ -288,7 +305,7 @@ def sweep_moe(fmt: QuantFormat, dtype: torch.dtype, device: torch.device, repeat
     """The rule's launch and the decode grid on ``tokens`` tokens' top-k experts (``bench_moe``'s setting), at the
     rows per block the launcher plans for that many pairs (``matmul.expert_rows``: 1 up to
     ``EXPERT_DECODE_MAX_PAIRS`` pairs, where every block is one pair; past it, where the rule takes tl.dot, the
-    grid's grouped decode launches are its rival)."""
+    grid's grouped decode launches are its rival, and for fp32 x the grouped code dot's, ``expert_codes_grid``)."""
     from orcd_quant_formats.kernels import matmul
 
     n_expert, n, k = shape
@@ -299,6 +316,8 @@ def sweep_moe(fmt: QuantFormat, dtype: torch.dtype, device: torch.device, repeat
     rows = matmul.expert_rows(tokens * MOE_TOP_K, n_expert)
     default = matmul.pick_config(matmul.SPECS[ggml_type], rows, n, k, matmul._multiprocessors(device))
     grid = decode_grid(ggml_type, rows, n, k, device) if rows <= matmul.DECODE_MAX_ROWS else []
+    if rows > matmul.FMA_MAX_ROWS and _has_codes(fmt, dtype):  # grouped tl.dot by the rule: the code dot's rival
+        grid += expert_codes_grid()
 
     def calls(cfg: object) -> list:
         return [lambda i=i: matmul.expert_linear(x, weight.data, ggml_type, n_expert, n, k, i, config=cfg)

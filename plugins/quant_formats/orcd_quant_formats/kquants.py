@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from orcd.quant import QuantFormat
-from orcd_quant_formats.blocks import block_scales, f16, low_bits, nibbles, put_f16, random_bytes, rms, shifts
+from orcd_quant_formats.blocks import block_scales, f16, low_bits, nibbles, put_f16, random_bytes, rms
 from orcd_quant_formats.kernels import FusedLinear
 
 T = gguf.GGMLQuantizationType
