@@ -1,5 +1,5 @@
 """Fused dequantize-matmul: ``out = x @ W.T (+ bias)`` with ``W`` in raw ggml blocks, never materialised; and the
-launcher that picks between the two kernels.
+launcher that picks between the kernels.
 
 - *decode* (``gemv.gemv_kernel``, up to ``FMA_MAX_ROWS`` rows of ``x`` per weight block by the rule, up to
   ``DECODE_MAX_ROWS`` where a measured tuning table says so): fp32 multiply-adds,
@@ -11,9 +11,11 @@ launcher that picks between the two kernels.
   accumulation. For fp32 ``x`` the products follow torch's ``float32_matmul_precision``, as its own matmuls do:
   ``highest`` (torch's default) three TF32 products per term (``tf32x3``, about fp32 accuracy), ``high`` one TF32
   product, ``medium`` bf16 operands (weights and x rounded to bf16; ``_dot_precision``);
+- *code dot* (``codes_dot.codes_kernel``, fp32 ``x``, only where a tuning entry or a sweep asks: ``Config.codes``):
+  the same tiles, the dot taken on the blocks' integer codes and x cut once into two fp16 parts;
 - split-K: when the output alone gives too few programs to fill the device, ``K`` is cut into chunks whose fp32
   partial sums torch adds afterwards (deterministic, no atomics);
-- experts (``GROUPED``): ``x`` rows are (token, expert) pairs sorted by expert and cut into blocks of ``BM`` pairs of
+- experts (``GROUPED``, in every kernel): ``x`` rows are (token, expert) pairs sorted by expert and cut into blocks of ``BM`` pairs of
   one expert, so each chosen expert's weights are read once per block and unchosen experts not at all. The block
   table is built on the device (no host sync), sized for the worst case; unused blocks do no work.
 
