@@ -32,6 +32,7 @@ from orcd_quant_formats.kernels.common import (
     load_bytes, load_u16, store_tile,
 )
 from orcd_quant_formats.kernels.kquants import scale_min
+from orcd_quant_formats.kernels.mxfp4 import block_scale
 
 T = gguf.GGMLQuantizationType
 
@@ -103,13 +104,6 @@ def _e2m1_doubled(n):
 
 
 @triton.jit
-def _mxfp4_scale(base):
-    """``2**(e - 128)`` of each block's exponent byte (ggml's half-scale of E8M0; subnormal for ``e < 2``), fp32."""
-    e = tl.load(base).to(tl.int32)
-    return tl.where(e < 2, (e + 1) << 21, (e - 1) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _block32_codes(FMT: tl.constexpr, block, j):
     """``(codes (BN, 32) fp16, d (BN,), m (BN,))`` of each row's 32-value block: ``w = d * code + m`` (``m`` 0 where
     the format has no min)."""
@@ -137,7 +131,7 @@ def _block32_codes(FMT: tl.constexpr, block, j):
     else:
         tl.static_assert(FMT == FMT_MXFP4, "no code dot for this ggml type")
         q = _e2m1_doubled(_nibbles(block + 1, j))
-        d = _mxfp4_scale(block)
+        d = block_scale(block)
         m = zero
     return q.to(tl.float16), d, m
 

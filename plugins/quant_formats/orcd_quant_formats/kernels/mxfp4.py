@@ -49,7 +49,9 @@ def _halves(bits):
 
 
 @triton.jit
-def _scale(base):
+def block_scale(base):
+    """``2**(e - 128)`` of each block's exponent byte ``e`` (ggml's half-scale of E8M0; subnormal for ``e < 2``), as
+    fp32 bits built as the torch dequantizer builds them."""
     e = tl.load(base).to(tl.int32)
     return tl.where(e < 2, (e + 1) << 21, (e - 1) << 23).to(tl.float32, bitcast=True)
 
@@ -72,7 +74,7 @@ def mxfp4_dot(base, u, xb, magic, part, PARTS: tl.constexpr):
         p += lo_b * x_at(xb, H + j)
         p += hi_a * x_at(xb, 16 + j)
         p += hi_b * x_at(xb, 16 + H + j)
-    return (p * 32768.0) * _scale(base)
+    return (p * 32768.0) * block_scale(base)
 
 
 @triton.jit
@@ -84,7 +86,7 @@ def _tile_byte(base, J: tl.constexpr, d, DT: tl.constexpr):
 @triton.jit
 def mxfp4_tile(base, u, magic, DT: tl.constexpr):
     """The weights as ``(BN, NB * 32)`` in ``DT``, in K's natural order (see ``legacy``)."""
-    d = _scale(base)
+    d = block_scale(base)
     w = j16(_tile_byte(base, 0, d, DT), _tile_byte(base, 1, d, DT), _tile_byte(base, 2, d, DT),
             _tile_byte(base, 3, d, DT), _tile_byte(base, 4, d, DT), _tile_byte(base, 5, d, DT),
             _tile_byte(base, 6, d, DT), _tile_byte(base, 7, d, DT), _tile_byte(base, 8, d, DT),
