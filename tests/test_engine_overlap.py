@@ -2,11 +2,13 @@
 n's device tokens while the host reads step n. On the CPU the forward is synchronous, so these tests check the
 bookkeeping, not the overlap: the same tokens, texts, finish reasons and freed blocks as the plain step, for batches
 that change (sequences ending by max_tokens, by a stop token mid-run, cancelled, joining), eagerly and at the fixed
-shapes of the CUDA-graph path."""
+shapes of the CUDA-graph path. One GPU test checks the overlap itself: reading a step's tokens does not wait for
+the step launched after it."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from orcd.engine import Engine, FinishEvent, TokenEvent
 from orcd.loader import load_model
@@ -100,3 +102,32 @@ def test_sampled_sequences_take_the_plain_step(phi, plugins):
         events += engine.step()
         assert engine._launched is None
     assert summary(events) == summary(plain["s"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reading_a_step_does_not_wait_for_the_step_in_flight(synth_model, plugins, monkeypatch):
+    """On CUDA, ``step()`` returns step n's tokens while step n + 1 still runs: with every forward held on the
+    device for about 0.1 s or more (``torch.cuda._sleep``, 2e8 clock cycles), the device is still busy whenever
+    ``step()`` returns with a step in flight, and the tokens are the plain step's. (Read with ``tolist()``, step
+    n's tokens were copied in stream order after step n + 1 and waited for it too.)"""
+    loaded = load_model(synth_model("qwen2", "F32"), "cuda", plugins)
+    forward = loaded.module.forward
+
+    def slow_forward(*args, **kwargs):
+        logits = forward(*args, **kwargs)
+        torch.cuda._sleep(200_000_000)
+        return logits
+
+    ids = prompt(loaded, 19, 12)
+    plain = run(Engine(loaded, plugins, n_ctx=64, overlap=False), request("p", ids, 5, stop_token_ids=set()))
+    monkeypatch.setattr(loaded.module, "forward", slow_forward)
+    engine = Engine(loaded, plugins, n_ctx=64, overlap=True)
+    engine.add_request(request("p", ids, 5, stop_token_ids=set()))
+    events, busy = [], []
+    while engine.has_work():
+        events += engine.step()
+        if engine._launched is not None:
+            busy.append(not torch.cuda.current_stream().query())
+    assert busy == [True] * 4  # the fifth token is known to be the last: nothing runs ahead of it
+    assert summary(events) == summary(plain["p"])

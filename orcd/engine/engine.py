@@ -264,7 +264,7 @@ class Engine:
             if not self.overlap or not all(_is_plain_greedy(s.sampler) for s in seqs):
                 self._sample_all(seqs, logits, events)
                 return events
-            launched = _Launched(seqs, self._argmax(logits))
+            launched = _Launched.of(seqs, self._argmax(logits))
         self._launched = self._chain(launched)
         self._read(launched, events)
         if self._launched is None:
@@ -441,13 +441,13 @@ class Engine:
         except OrcdError as e:
             log.debug("no step ahead: %s", e.message)
             return None
-        return _Launched(launched.seqs, self._argmax(logits))
+        return _Launched.of(launched.seqs, self._argmax(logits))
 
     def _read(self, launched: _Launched, events: list[Event]) -> None:
         """Bring ``launched``'s tokens to the host (waiting for that step only) and emit them; rows of sequences
         that ended at the step before are dropped."""
         try:
-            tokens = launched.tokens.tolist()
+            tokens = launched.read()
         except Exception as e:  # the step failed on the device: its sequences end, nothing runs after it
             self._launched = None
             self._fail([s for s in launched.seqs if s in self._active],
@@ -570,10 +570,34 @@ class Engine:
 @dataclass
 class _Launched:
     """A batched forward of plain greedy sequences on the device; ``tokens`` (one per row, on the device) are
-    their argmax, not read by the host yet."""
+    their argmax, not read by the host yet.
+
+    On CUDA ``of`` also starts their copy into pinned host memory and records an event after it, before the next
+    step is launched: ``read`` then waits for this step alone. (``tokens.tolist()`` would copy in stream order
+    after the step launched since, and wait for that one too, leaving the device idle while the host works on
+    this step's tokens.)"""
 
     seqs: list[Sequence]
     tokens: torch.Tensor
+    host: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
+
+    @classmethod
+    def of(cls, seqs: list[Sequence], tokens: torch.Tensor) -> _Launched:
+        if not tokens.is_cuda:
+            return cls(seqs, tokens)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(seqs, tokens, host, copied)
+
+    def read(self) -> list[int]:
+        """The tokens on the host, waiting for this step's forward (and nothing launched after it)."""
+        if self.copied is None or self.host is None:
+            return self.tokens.tolist()
+        self.copied.synchronize()
+        return self.host.tolist()
 
 
 def _is_plain_greedy(chain: SamplerChain | None) -> bool:
